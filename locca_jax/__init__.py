@@ -1,0 +1,1 @@
+"""LocCa in JAX: location-aware captioner pretraining of visual encoders."""

@@ -1,0 +1,1 @@
+"""Input side: TFDS sources (incl. the built-in locca_shapes), preprocessing, task sequences."""

@@ -1,0 +1,1 @@
+"""Flax linen models: ViT encoder, text decoder, LocCa."""
