@@ -1,0 +1,143 @@
+"""Layers shared by the encoder and the decoder.
+
+B: batch, Q: query length, K: key length, E: width, H: heads, D: head dim, M: MLP hidden units.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and
+activations are constrained with `act_*` names; `locca_jax.sharding.LOGICAL_RULES` maps both to
+the mesh, so the same module runs data-, FSDP- or tensor-parallel without change.
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+ACT_BTE = ("act_batch", "act_len", "act_embed")
+
+_REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def logical(init_fn: Callable, names: tuple) -> Callable:
+  return nn.with_logical_partitioning(init_fn, names)
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense(M) -> GELU -> Dense(E)."""
+  mlp_dim: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # x: [..., E]
+    width = x.shape[-1]
+    init = nn.initializers.xavier_uniform()
+    h = nn.Dense(self.mlp_dim, use_bias=self.use_bias, dtype=self.dtype,
+                 kernel_init=logical(init, ("embed", "mlp")),
+                 bias_init=logical(nn.initializers.normal(1e-6), ("mlp",)))(x)
+    h = nn.gelu(h)
+    h = constrain(h, ("act_batch",) + (None,) * (h.ndim - 2) + ("act_mlp",))
+    return nn.Dense(width, use_bias=self.use_bias, dtype=self.dtype,
+                    kernel_init=logical(init, ("mlp", "embed")),
+                    bias_init=logical(nn.initializers.normal(1e-6), ("embed",)))(h)
+
+
+class Attention(nn.Module):
+  """Multi-head attention through `jax.nn.dot_product_attention`.
+
+  `mask` is boolean, broadcastable to [B, H, Q, K], True where a query may attend.
+  """
+  num_heads: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, mask=None):  # x_q: [B, Q, E], x_kv: [B, K, E]
+    width = x_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    def proj(name, x):  # [B, *, E] -> [B, *, H, D]
+      kernel = self.param(f"{name}_kernel", logical(
+          nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0,
+                                           out_axis=(1, 2)), ("embed", "heads", "kv")),
+                          (width, self.num_heads, head_dim), jnp.float32)
+      y = jnp.einsum("bse,ehd->bshd", x.astype(self.dtype), kernel.astype(self.dtype))
+      if self.use_bias:
+        y += self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "kv")),
+                        (self.num_heads, head_dim), jnp.float32).astype(self.dtype)
+      return y
+    q, k, v = proj("query", x_q), proj("key", x_kv), proj("value", x_kv)
+    names = ("act_batch", "act_len", "act_heads", None)
+    q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Q, H, D]
+    kernel = self.param("out_kernel", logical(
+        nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
+                                         out_axis=2), ("heads", "kv", "embed")),
+                        (self.num_heads, head_dim, width), jnp.float32)
+    y = jnp.einsum("bqhd,hde->bqe", out, kernel.astype(self.dtype))
+    if self.use_bias:
+      y += self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (width,),
+                      jnp.float32).astype(self.dtype)
+    return y
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(name=name, dtype=dtype,
+                      scale_init=logical(nn.initializers.ones, ("embed",)),
+                      bias_init=logical(nn.initializers.zeros, ("embed",)))
+
+
+def stack(block: type[nn.Module], num_layers: int, *, scan: bool, remat_policy: str,
+          num_broadcast_args: int) -> Callable:
+  """Returns `apply(parent, x, *args) -> x` running `num_layers` copies of `block`.
+
+  With `scan`, the layers are one `nn.scan` over a stacked parameter axis (logical name
+  `layers`): compile time independent of depth. `remat_policy` ("none" or a
+  `jax.checkpoint_policies` name) trades recomputation for activation memory.
+  """
+  if remat_policy != "none":
+    if remat_policy not in _REMAT_POLICIES:
+      raise ValueError(f"remat_policy {remat_policy!r}: expected 'none' or one of "
+                       f"{sorted(_REMAT_POLICIES)}")
+    block = nn.remat(block, policy=_REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+
+  def apply(make_block: Callable[..., nn.Module], x, *args):
+    if scan:
+      def body(layer, carry, *broadcast):
+        return layer(carry, *broadcast), None
+      scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast,) * num_broadcast_args, length=num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(make_block(block, "layers"), x, *args)
+      return x
+    for i in range(num_layers):
+      x = make_block(block, f"layer_{i}")(x, *args)
+    return x
+
+  return apply
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype=jnp.float32) -> jax.Array:
+  """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision), [1, h*w, width]."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {width}")
+  y, x = np.mgrid[:h, :w]
+  omega = 1. / (temperature ** (np.arange(width // 4) / (width // 4 - 1)))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe[None], dtype)

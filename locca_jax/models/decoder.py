@@ -1,0 +1,102 @@
+"""CapPa-style text decoder over several task sequences per image.
+
+B: batch (images), T: task sequences per image, L: text length, P: visual tokens, E: width,
+V: vocabulary.
+
+Self-attention runs per sequence ([B*T, L]); cross-attention flattens an image's T sequences
+into one query axis ([B, T*L]) against that image's P visual tokens, so the visual keys and
+values are projected once per image, not once per sequence.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from locca_jax.models import common
+
+BOS_ID = 0  # inputs are the targets shifted right by one, starting with pad (T5 / big_vision).
+MASK_ID = -1  # parallel prediction input; mapped to a learned embedding, not part of V.
+
+ACT_BTLE = ("act_batch", None, "act_len", "act_embed")
+
+
+def decoder_inputs(text: jax.Array, parallel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forcing inputs and self-attention mask.
+
+  text: [B, T, L] int targets. parallel: [B, T] bool, rows trained with parallel prediction
+  (CapPa): all their inputs become MASK_ID and their attention is bidirectional.
+  Returns tokens [B, T, L] and mask [B, T, L, L] (True = may attend).
+  """
+  seq_len = text.shape[-1]
+  shifted = jnp.pad(text[..., :-1], [(0, 0)] * (text.ndim - 1) + [(1, 0)],
+                    constant_values=BOS_ID)
+  tokens = jnp.where(parallel[..., None], MASK_ID, shifted)
+  causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+  mask = causal | parallel[..., None, None]
+  return tokens, mask
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LN: causal self-attention, cross-attention to visual tokens, MLP."""
+  num_heads: int
+  mlp_dim: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, visual, self_mask):  # x: [B,T,L,E] visual: [B,P,E] mask: [B,T,L,L]
+    b, t, l, e = x.shape
+    y = common.layer_norm("ln_self", self.dtype)(x).reshape(b * t, l, e)
+    y = common.Attention(self.num_heads, self.use_bias, self.dtype, name="self_attn")(
+        y, y, mask=self_mask.reshape(b * t, 1, l, l))
+    x = common.constrain(x + y.reshape(b, t, l, e), ACT_BTLE)
+    y = common.layer_norm("ln_cross", self.dtype)(x).reshape(b, t * l, e)
+    y = common.Attention(self.num_heads, self.use_bias, self.dtype, name="cross_attn")(
+        y, visual)
+    x = common.constrain(x + y.reshape(b, t, l, e), ACT_BTLE)
+    y = common.layer_norm("ln_mlp", self.dtype)(x)
+    x = x + common.MlpBlock(self.mlp_dim, self.use_bias, self.dtype, name="mlp")(y)
+    return common.constrain(x, ACT_BTLE)
+
+
+class Decoder(nn.Module):
+  """tokens [B,T,L] + visual [B,P,E] -> logits [B,T,L,V] (untied output embedding)."""
+  vocab_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  max_len: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  scan: bool = False
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, tokens, visual, self_mask):
+    if tokens.shape[-1] > self.max_len:
+      raise ValueError(f"text length {tokens.shape[-1]} > decoder max_len {self.max_len}")
+    embed = nn.Embed(self.vocab_size, self.width, name="embedding",
+                     embedding_init=common.logical(
+                         nn.initializers.normal(self.width ** -0.5), ("vocab", "embed")))
+    mask_embedding = self.param("mask_embedding",
+                                common.logical(nn.initializers.normal(self.width ** -0.5),
+                                               ("embed",)), (self.width,), jnp.float32)
+    is_mask = (tokens == MASK_ID)[..., None]
+    x = jnp.where(is_mask, mask_embedding, embed(jnp.maximum(tokens, 0)))
+    pos = self.param("pos_embedding",
+                     common.logical(nn.initializers.normal(self.width ** -0.5),
+                                    (None, "embed")), (self.max_len, self.width),
+                     jnp.float32)
+    x = common.constrain((x + pos[:tokens.shape[-1]]).astype(self.dtype), ACT_BTLE)
+
+    run = common.stack(DecoderBlock, self.depth, scan=self.scan,
+                       remat_policy=self.remat_policy, num_broadcast_args=2)
+    x = run(lambda cls, name: cls(self.num_heads, self.mlp_dim, self.use_bias, self.dtype,
+                                  name=name), x, visual.astype(self.dtype), self_mask)
+    x = common.layer_norm("decoder_norm", self.dtype)(x)
+    logits = nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype, name="head",
+                      kernel_init=common.logical(nn.initializers.zeros, ("embed", "vocab")),
+                      bias_init=common.logical(nn.initializers.zeros, ("vocab",)))(x)
+    return common.constrain(logits, ("act_batch", None, "act_len", "act_vocab"))

@@ -1,0 +1,94 @@
+r"""Trains any config of this project: LocCa, Cap, CapPa (one trainer).
+
+  python -m locca_jax.train --config=configs/locca_b16.py:runlocal --workdir=workdirs/locca
+
+Rerunning the same command on the same workdir resumes from the latest checkpoint and
+continues the identical sequence of batches.
+"""
+import math
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from locca_jax import checkpoint
+from locca_jax import metrics as metrics_lib
+from locca_jax import sharding
+from locca_jax import train_step
+from locca_jax.data import input_pipeline
+from locca_jax.data import iterator_checkpoint
+from locca_jax.models import locca
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       steps_this_run: int | None = None) -> train_step.State:
+  """Trains to `config.total_steps`, resuming from WORKDIR/checkpoints if present.
+
+  `steps_this_run` stops (after checkpointing) once this process has run that many steps,
+  e.g. to fit a scheduler's time limit; the next run resumes where it stopped.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+  tokenizer = input_pipeline.make_tokenizer(config.input.tokenizer)
+  model = locca.make_model(config.model, tokenizer.vocab_size, config.input.seq_len)
+  spec = train_step.make_state_spec(model, config, mesh)
+  train_iter = input_pipeline.make_train_iterator(config, tokenizer)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 every=config.ckpt_every, keep=config.keep_ckpts)
+
+  start = ckpt.latest_step()
+  if start is None:
+    start, state = 0, spec.init()
+  else:
+    state = ckpt.restore(start, spec.abstract, iterator_checkpoint.IteratorRestore(train_iter))
+  num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"]))
+  logging.info("Model: %.2fM parameters; starting at step %d of %d", num_params / 1e6, start,
+               config.total_steps)
+
+  step_fn = train_step.make_train_step(model, spec.tx, config, mesh, spec.shardings)
+  writer = metrics_lib.MetricsWriter(workdir, total_steps=config.total_steps,
+                                     batch_size=config.input.batch_size,
+                                     is_main=jax.process_index() == 0)
+  end = config.total_steps
+  if steps_this_run is not None:
+    end = min(end, start + steps_this_run)
+  for step in range(start + 1, end + 1):
+    batch = sharding.global_batch(next(train_iter), mesh)
+    state, metrics = step_fn(state, batch)
+    if step == start + 1:  # throughput excludes compilation
+      jax.block_until_ready(metrics)
+      writer.start(step)
+    if step % config.log_every == 0 or step == end:
+      metrics = jax.device_get(metrics)  # the only host sync: on logging steps
+      metrics["lr"] = config.lr * float(spec.schedule_fn(step - 1))
+      if not math.isfinite(metrics["train/loss"]):
+        raise FloatingPointError(f"step {step}: train/loss is {metrics['train/loss']}")
+      writer.write(step, metrics)
+    ckpt.save(step, state, iterator_checkpoint.IteratorSave(train_iter), force=step == end)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return state
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TensorFlow only feeds the input pipeline: keep it off the accelerators.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

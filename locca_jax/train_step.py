@@ -1,0 +1,131 @@
+"""Loss, train state and the sharded train step. Imports no TensorFlow.
+
+B: batch (images), T: task sequences per image, L: text length, V: vocabulary.
+
+A batch is a dict: `image` [B, H, W, 3] float in [-1, 1], `text` [B, T, L] int targets,
+`mask_loss` [B, T, L] float (1 where a token is trained). Row t of `text` is task
+`config.input.tasks[t]`.
+"""
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from locca_jax import optim
+from locca_jax import sharding
+from locca_jax.models import decoder as decoder_lib
+
+State = dict[str, Any]  # params, opt_state, step (int32 scalar), rng (uint32[2] key data)
+
+
+def compute_loss(logits: jax.Array, text: jax.Array, mask_loss: jax.Array,
+                 task_names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Token cross-entropy averaged over all trained tokens, plus one mean per task."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
+  weighted = nll * mask_loss  # [B, T, L]
+  loss = weighted.sum() / jnp.maximum(mask_loss.sum(), 1.0)
+  per_task_sum, per_task_count = weighted.sum(axis=(0, 2)), mask_loss.sum(axis=(0, 2))
+  metrics = {f"train/loss_{name}": per_task_sum[t] / jnp.maximum(per_task_count[t], 1.0)
+             for t, name in enumerate(task_names)}
+  metrics["train/loss"] = loss
+  return loss, metrics
+
+
+def sample_parallel(rng: jax.Array, batch_size: int, task_names: Sequence[str],
+                    fraction: float) -> jax.Array:
+  """[B, T] bool: the Cap rows of a random `fraction` of images use parallel prediction."""
+  parallel = jnp.zeros((batch_size, len(task_names)), bool)
+  if fraction <= 0 or "cap" not in task_names:
+    return parallel
+  chosen = jax.random.bernoulli(rng, fraction, (batch_size,))
+  return parallel.at[:, list(task_names).index("cap")].set(chosen)
+
+
+def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
+  """`loss_fn(params, batch, rng) -> (loss, metrics)`."""
+  task_names = tuple(config.input.tasks)
+  fraction = config.model.get("parallel_fraction", 0.0)
+
+  def loss_fn(params, batch, rng):
+    parallel = sample_parallel(rng, batch["text"].shape[0], task_names, fraction)
+    tokens, self_mask = decoder_lib.decoder_inputs(batch["text"], parallel)
+    logits = model.apply({"params": params}, batch["image"], tokens, self_mask)
+    return compute_loss(logits, batch["text"], batch["mask_loss"], task_names)
+  return loss_fn
+
+
+def _dummy_inputs(config: ml_collections.ConfigDict):
+  size, seq_len = config.input.image_size, config.input.seq_len
+  num_tasks = len(config.input.tasks)
+  return (jnp.zeros((1, size, size, 3), jnp.float32),
+          jnp.zeros((1, num_tasks, seq_len), jnp.int32),
+          jnp.ones((1, num_tasks, seq_len, seq_len), bool))
+
+
+class StateSpec(NamedTuple):
+  """Everything needed to create or restore the train state on a mesh."""
+  init: Callable[[], State]  # jitted: returns a freshly initialized, sharded state
+  abstract: State  # ShapeDtypeStructs with shardings: what a checkpoint restores into
+  shardings: State
+  tx: optax.GradientTransformation
+  schedule_fn: Callable  # step -> learning-rate multiplier; lr = config.lr * schedule_fn
+
+
+def make_state_spec(model: nn.Module, config: ml_collections.ConfigDict,
+                    mesh: Mesh) -> StateSpec:
+  """Shapes and shardings of the train state; params float32 whatever the compute dtype."""
+  dummy = _dummy_inputs(config)
+  init_params = lambda rng: model.init(rng, *dummy)["params"]  # pylint: disable=unnecessary-lambda-assignment
+  boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  tx, schedule_fn = optim.make(config, boxed)
+
+  def init():
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = nn.unbox(init_params(init_rng))
+    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                rng=train_rng)
+
+  shapes = jax.eval_shape(init)
+  params_sh = sharding.param_shardings(boxed, mesh)
+  replicated = NamedSharding(mesh, P())
+  state_sh = dict(
+      params=params_sh,
+      opt_state=sharding.matching_shardings(shapes["opt_state"], shapes["params"], params_sh,
+                                            mesh),
+      step=replicated, rng=replicated)
+  abstract = jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+  return StateSpec(jax.jit(init, out_shardings=state_sh), abstract, state_sh, tx,
+                   schedule_fn)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict, mesh: Mesh,
+                    state_sh: State) -> Callable[[State, dict], tuple[State, dict]]:
+  """One jitted step: explicit in/out shardings, the state donated."""
+  loss_fn = make_loss_fn(model, config)
+
+  def step(state, batch):
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      rng = jax.random.fold_in(state["rng"], state["step"])
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state["params"], batch, rng)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+    metrics["train/grad_norm"] = optax.global_norm(grads)
+    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1,
+                     rng=state["rng"])
+    return new_state, metrics
+
+  jitted = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
+
+  def run(state, batch):
+    with jax.set_mesh(mesh):  # activation sharding constraints resolve against this mesh
+      return jitted(state, batch)
+  run.jitted = jitted
+  return run
