@@ -135,8 +135,9 @@ class Tokenizer:
                                          or boxes.shape[-1] not in (None, 4)):
       raise ValueError(f"boxes: expected shape [4] or [N, 4] (normalized ymin, xmin, ymax, "
                        f"xmax), got shape {boxes.shape}")
-    boxes = tf.debugging.check_numerics(tf.cast(boxes, tf.float32),
-                                        "boxes: expected finite [ymin, xmin, ymax, xmax]")
+    # No tf.debugging.check_numerics: it is stateful and breaks tf.data's symbolic
+    # checkpointing; non-finite boxes are dropped upstream (preprocess.clip_and_filter_boxes).
+    boxes = tf.cast(boxes, tf.float32)
     q = tf.clip_by_value(tf.floor(boxes * tf.constant(self._bins, tf.float32)), 0.0,
                          self._bins - 1.0)
     return tf.gather(tf.cast(q, tf.int32), list(self._order_idx), axis=-1)
