@@ -14,7 +14,7 @@ def get_config(arg=None):
   runlocal = arg == "runlocal"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 1200 if runlocal else 366_500  # paper: ~3B examples at batch 8192
+  c.total_steps = 600 if runlocal else 366_500  # paper: ~3B examples at batch 8192
 
   c.input = ml_collections.ConfigDict()
   if runlocal:
@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.lr = 3e-3 if runlocal else 1e-3
   c.wd = 1e-4
   c.grad_clip_norm = 1.0
-  c.schedule = dict(warmup_steps=100 if runlocal else 10_000, decay_type="cosine")
+  c.schedule = dict(warmup_steps=50 if runlocal else 10_000, decay_type="cosine")
   c.optax = dict(beta2_cap=0.999, momentum=0.9, dtype_momentum="bfloat16",
                  clipping_threshold=None)
 
@@ -67,4 +67,20 @@ def get_config(arg=None):
   c.log_every = 10 if runlocal else 100
   c.ckpt_every = 200 if runlocal else 1000
   c.keep_ckpts = 2
+
+  # Evaluators: python -m locca_jax.evaluate --config=... --workdir=W (the trainer runs each
+  # every log_steps). Any TFDS dataset with locca_shapes' features works (e.g. a RefCOCO /
+  # COCO-Captions conversion); max_len = decoded tokens (prompt width = seq_len - max_len).
+  val = dict(name="locca_shapes/base", split="validation")
+  every = 600 if runlocal else 10_000
+  eval_batch = 32 if runlocal else 1024
+  c.evals = ml_collections.ConfigDict()
+  c.evals.rec = dict(type="rec", data=val, batch_size=eval_batch, max_examples=None,
+                     log_steps=every, max_len=16)
+  c.evals.caption = dict(type="caption", data=val, batch_size=eval_batch, max_examples=None,
+                         log_steps=every, max_len=32)
+  c.evals.gcap = dict(type="gcap", data=val, batch_size=eval_batch, max_examples=None,
+                      log_steps=every, max_len=24)
+  c.evals.perplexity = dict(type="perplexity", data=val, batch_size=eval_batch,
+                            max_examples=None, log_steps=every // 3)
   return c

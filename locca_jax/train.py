@@ -5,6 +5,7 @@ r"""Trains any config of this project: LocCa, Cap, CapPa (one trainer).
 Rerunning the same command on the same workdir resumes from the latest checkpoint and
 continues the identical sequence of batches.
 """
+import logging as std_logging
 import math
 import os
 
@@ -80,9 +81,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return state
 
 
+def _quiet_library_info(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")

@@ -1,6 +1,7 @@
 """Layers shared by the encoder and the decoder.
 
-B: batch, Q: query length, K: key length, E: width, H: heads, D: head dim, M: MLP hidden units.
+B: batch, Q: query length, K: key length, E: width, H: heads, D: head dim, M: MLP hidden units,
+C: cache length (autoregressive decoding, see `Attention`).
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) and
 activations are constrained with `act_*` names; `locca_jax.sharding.LOGICAL_RULES` maps both to
@@ -58,10 +59,24 @@ class Attention(nn.Module):
   """Multi-head attention through `jax.nn.dot_product_attention`.
 
   `mask` is boolean, broadcastable to [B, H, Q, K], True where a query may attend.
+
+  `kv_cache` selects autoregressive decoding with a "cache" variable collection (Flax idiom: the
+  first call, made with the collection mutable and absent, creates it; later calls read and
+  update it). C: cache length.
+    "none": no cache (training, the encoder).
+    "append": self-attention, one query token per call. `cached_key` / `cached_value`
+      [B, C, H, D] (C = `cache_len`) receive this token's key / value at `cache_index` (int32
+      scalar, then incremented); the query attends to cache positions <= that index. The
+      creating call only allocates the (zero) cache, its output is meaningless.
+    "static": cross-attention to inputs that do not change while decoding (the visual tokens):
+      their keys / values [B, K, H, D] are projected once, by the creating call, and reused;
+      later calls ignore `x_kv`.
   """
   num_heads: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  kv_cache: str = "none"  # "none" | "append" | "static", see above
+  cache_len: int = 0  # C, for kv_cache="append"
 
   @nn.compact
   def __call__(self, x_q, x_kv, mask=None):  # x_q: [B, Q, E], x_kv: [B, K, E]
@@ -79,9 +94,20 @@ class Attention(nn.Module):
         y += self.param(f"{name}_bias", logical(nn.initializers.zeros, ("heads", "kv")),
                         (self.num_heads, head_dim), jnp.float32).astype(self.dtype)
       return y
-    q, k, v = proj("query", x_q), proj("key", x_kv), proj("value", x_kv)
     names = ("act_batch", "act_len", "act_heads", None)
-    q, k, v = constrain(q, names), constrain(k, names), constrain(v, names)
+    q = constrain(proj("query", x_q), names)
+    if self.kv_cache == "static":
+      # Projected only when the cache is created: the lambdas never run on later calls.
+      k = self.variable("cache", "cached_key", lambda: constrain(proj("key", x_kv), names)).value
+      v = self.variable("cache", "cached_value",
+                        lambda: constrain(proj("value", x_kv), names)).value
+    else:
+      k = constrain(proj("key", x_kv), names)
+      v = constrain(proj("value", x_kv), names)
+    if self.kv_cache == "append":
+      k, v, mask = self._append_to_cache(k, v, mask)
+    elif self.kv_cache not in ("none", "static"):
+      raise ValueError(f"kv_cache {self.kv_cache!r}: expected 'none', 'append' or 'static'")
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Q, H, D]
     kernel = self.param("out_kernel", logical(
         nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
@@ -92,6 +118,31 @@ class Attention(nn.Module):
       y += self.param("out_bias", logical(nn.initializers.zeros, ("embed",)), (width,),
                       jnp.float32).astype(self.dtype)
     return y
+
+  def _append_to_cache(self, k, v, mask):
+    """Writes this token's k, v [B, 1, H, D] at `cache_index`; returns the cached [B, C, H, D]."""
+    b, q_len, h, d = k.shape
+    if self.cache_len < 1:
+      raise ValueError(f"kv_cache='append' needs cache_len >= 1, got {self.cache_len}")
+    is_initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, self.cache_len, h, d),
+                             k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, self.cache_len, h, d),
+                             v.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not is_initialized:
+      return k, v, mask
+    if q_len != 1 or cached_k.value.shape[0] != b:
+      raise ValueError(f"cached decoding takes one token per call for the batch of {b} the "
+                       f"cache was created for; got keys of shape {k.shape} for a cache of "
+                       f"shape {cached_k.value.shape}")
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+    index.value = i + 1
+    visible = (jnp.arange(self.cache_len) <= i)[None, None, None, :]  # [1, 1, 1, C]
+    mask = visible if mask is None else mask & visible
+    return cached_k.value, cached_v.value, mask
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -118,7 +169,9 @@ def stack(block: type[nn.Module], num_layers: int, *, scan: bool, remat_policy: 
     if scan:
       def body(layer, carry, *broadcast):
         return layer(carry, *broadcast), None
-      scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+      # "cache" (decoding, see Attention) gets the same stacked layer axis as the params.
+      scanned = nn.scan(body, variable_axes={"params": 0, "cache": 0},
+                        split_rngs={"params": True},
                         in_axes=(nn.broadcast,) * num_broadcast_args, length=num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(make_block(block, "layers"), x, *args)

@@ -6,6 +6,16 @@ V: vocabulary.
 Self-attention runs per sequence ([B*T, L]); cross-attention flattens an image's T sequences
 into one query axis ([B, T*L]) against that image's P visual tokens, so the visual keys and
 values are projected once per image, not once per sequence.
+
+Autoregressive decoding (`decode=True`, see `locca_jax.decode`): one token per sequence per call,
+tokens [B, T, 1], at position `cache_index`; self_mask is not used (causality comes from the
+cache). The "cache" collection holds, per layer (with a leading layer axis when `scan`):
+  self_attn/cached_key, cached_value [B*T, max_len, H, D], self_attn/cache_index int32 [],
+  cross_attn/cached_key, cached_value [B, P, H, D] (the visual tokens, projected once),
+and the decoder's own `cache_index` (the position of the next token, for the position
+embedding). The first call, made with "cache" mutable and absent, creates it (zeros, visual
+keys/values projected) and its logits are meaningless; every later call feeds one token.
+H: heads, D: head dim. Parameters are the same as for training: a trained checkpoint decodes.
 """
 from typing import Any
 
@@ -43,17 +53,23 @@ class DecoderBlock(nn.Module):
   mlp_dim: int
   use_bias: bool = True
   dtype: Any = jnp.float32
+  decode: bool = False  # one token per call through the "cache" collection (module docstring)
+  cache_len: int = 0  # self-attention cache length when decoding
 
   @nn.compact
   def __call__(self, x, visual, self_mask):  # x: [B,T,L,E] visual: [B,P,E] mask: [B,T,L,L]
     b, t, l, e = x.shape
     y = common.layer_norm("ln_self", self.dtype)(x).reshape(b * t, l, e)
-    y = common.Attention(self.num_heads, self.use_bias, self.dtype, name="self_attn")(
-        y, y, mask=self_mask.reshape(b * t, 1, l, l))
+    # Decoding: causality comes from the cache index, self_mask is not used.
+    mask = None if self.decode else self_mask.reshape(b * t, 1, l, l)
+    y = common.Attention(self.num_heads, self.use_bias, self.dtype,
+                         kv_cache="append" if self.decode else "none",
+                         cache_len=self.cache_len, name="self_attn")(y, y, mask=mask)
     x = common.constrain(x + y.reshape(b, t, l, e), ACT_BTLE)
     y = common.layer_norm("ln_cross", self.dtype)(x).reshape(b, t * l, e)
-    y = common.Attention(self.num_heads, self.use_bias, self.dtype, name="cross_attn")(
-        y, visual)
+    y = common.Attention(self.num_heads, self.use_bias, self.dtype,
+                         kv_cache="static" if self.decode else "none", name="cross_attn")(
+                             y, visual)
     x = common.constrain(x + y.reshape(b, t, l, e), ACT_BTLE)
     y = common.layer_norm("ln_mlp", self.dtype)(x)
     x = x + common.MlpBlock(self.mlp_dim, self.use_bias, self.dtype, name="mlp")(y)
@@ -61,7 +77,11 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-  """tokens [B,T,L] + visual [B,P,E] -> logits [B,T,L,V] (untied output embedding)."""
+  """tokens [B,T,L] + visual [B,P,E] -> logits [B,T,L,V] (untied output embedding).
+
+  With `decode=True`: tokens [B,T,1] -> logits [B,T,1,V], one position per call (see the
+  module docstring); self_mask may be None.
+  """
   vocab_size: int
   width: int
   depth: int
@@ -72,11 +92,15 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat_policy: str = "none"
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens, visual, self_mask):
     if tokens.shape[-1] > self.max_len:
       raise ValueError(f"text length {tokens.shape[-1]} > decoder max_len {self.max_len}")
+    if self.decode and tokens.shape[-1] != 1:
+      raise ValueError(f"decode=True feeds one token per sequence per call: expected tokens "
+                       f"[B, T, 1], got shape {tokens.shape}")
     embed = nn.Embed(self.vocab_size, self.width, name="embedding",
                      embedding_init=common.logical(
                          nn.initializers.normal(self.width ** -0.5), ("vocab", "embed")))
@@ -89,12 +113,21 @@ class Decoder(nn.Module):
                      common.logical(nn.initializers.normal(self.width ** -0.5),
                                     (None, "embed")), (self.max_len, self.width),
                      jnp.float32)
+    if self.decode:
+      is_initialized = self.has_variable("cache", "cache_index")
+      index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+      pos = jax.lax.dynamic_slice_in_dim(pos, index.value, 1)
+      if is_initialized:  # the creating call feeds no token
+        index.value = index.value + 1
     x = common.constrain((x + pos[:tokens.shape[-1]]).astype(self.dtype), ACT_BTLE)
 
+    # Decoding computes no gradients: rematerialization would only cost time.
     run = common.stack(DecoderBlock, self.depth, scan=self.scan,
-                       remat_policy=self.remat_policy, num_broadcast_args=2)
+                       remat_policy="none" if self.decode else self.remat_policy,
+                       num_broadcast_args=2)
     x = run(lambda cls, name: cls(self.num_heads, self.mlp_dim, self.use_bias, self.dtype,
-                                  name=name), x, visual.astype(self.dtype), self_mask)
+                                  self.decode, self.max_len, name=name),
+            x, visual.astype(self.dtype), self_mask)
     x = common.layer_norm("decoder_norm", self.dtype)(x)
     logits = nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype, name="head",
                       kernel_init=common.logical(nn.initializers.zeros, ("embed", "vocab")),

@@ -1,0 +1,165 @@
+r"""Runs the evaluators of `config.evals` on a checkpoint (or, from the trainer, on live params).
+
+  python -m locca_jax.evaluate --config=configs/locca_b16.py:runlocal --workdir=workdirs/locca
+
+restores the params of the latest checkpoint in WORKDIR/checkpoints (or `--step`), runs every
+evaluator of `config.evals` (or those named by `--evals=rec,caption`), writes each one's
+per-example predictions to WORKDIR/eval/<name>_step<N>.jsonl and prints ONE JSON object on
+stdout (everything else goes to stderr):
+
+  {"step": 1200, "caption/cider": 1.52, "caption/bleu4": 0.41, ..., "rec/acc@0.5": 0.83, ...}
+
+Evaluators are declared in the config, one entry per name:
+
+  c.evals.rec = dict(type="rec", data=dict(name="locca_shapes/base", split="validation"),
+                     batch_size=64, max_examples=None, log_steps=500)
+
+Fields: `type` (rec | caption | gcap | perplexity, see `locca_jax.evaluators`), `data`
+(name, split, optional data_dir: default config.input.data.data_dir), `batch_size` (global;
+default config.input.batch_size; a multiple of the mesh's data x fsdp devices),
+`max_examples` (None: the whole split; N: its first N images), `log_steps` (the trainer runs
+it every that many steps, see `evals_due`), `max_len` (decoding evaluators: decoded tokens;
+prompt width = config.input.seq_len - max_len). Metric keys are `<name>/<metric>`.
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from locca_jax import checkpoint
+from locca_jax import sharding
+from locca_jax import train_step
+from locca_jax.data import input_pipeline
+from locca_jax.evaluators import caption
+from locca_jax.evaluators import common
+from locca_jax.evaluators import gcap
+from locca_jax.evaluators import perplexity
+from locca_jax.evaluators import rec
+from locca_jax.models import locca
+
+EVALUATORS = dict(rec=rec.evaluate, caption=caption.evaluate, gcap=gcap.evaluate,
+                  perplexity=perplexity.evaluate)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with checkpoints/ (as for train).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+_EVALS = flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
+
+
+def eval_names(config: ml_collections.ConfigDict, names=None) -> list[str]:
+  """`names` (default: all of config.evals), checked against config.evals."""
+  evals = config.get("evals") or {}
+  names = list(evals.keys()) if names is None else list(names)
+  for name in names:
+    if name not in evals:
+      raise ValueError(f"--evals: {name!r} is not in config.evals (has {sorted(evals)})")
+    kind = evals[name].get("type")
+    if kind not in EVALUATORS:
+      raise ValueError(f"config.evals.{name}.type={kind!r}: expected one of "
+                       f"{sorted(EVALUATORS)}")
+  return names
+
+
+def evals_due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> list[str]:
+  """Names to run after train step `step`: every `log_steps` steps, and at the last step."""
+  due = []
+  for name in eval_names(config):
+    every = config.evals[name].get("log_steps")
+    if step == total_steps or (every and step % int(every) == 0):
+      due.append(name)
+  return due
+
+
+def write_predictions(workdir: str, name: str, step: int, records: list[dict]) -> str:
+  """WORKDIR/eval/<name>_step<N>.jsonl, one record per example (process 0 only)."""
+  path = os.path.join(workdir, "eval", f"{name}_step{step}.jsonl")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      for r in records:
+        f.write(json.dumps(r) + "\n")
+  return path
+
+
+def run_evals(config: ml_collections.ConfigDict, params, model, tokenizer, mesh, step: int,
+              workdir: str | None, *, names=None) -> dict[str, float]:
+  """Runs evaluators (default: all of config.evals) -> {"<name>/<metric>": value}.
+
+  A collective: every process must call it with the same arguments. Predictions go to
+  WORKDIR/eval/<name>_step<step>.jsonl (skipped when `workdir` is None).
+  """
+  ctx = common.Context(config=config, model=model, params=params, tokenizer=tokenizer,
+                       mesh=mesh)
+  out = {}
+  for name in eval_names(config, names):
+    cfg = config.evals[name]
+    start = time.monotonic()
+    metrics, records = EVALUATORS[cfg.type](ctx, name, cfg)
+    where = ""
+    if workdir is not None and records:
+      where = " -> " + write_predictions(workdir, name, step, records)
+    logging.info("eval %s (%s) at step %d in %.1fs: %s%s", name, cfg.type, step,
+                 time.monotonic() - start, metrics, where)
+    out.update({f"{name}/{k}": v for k, v in metrics.items()})
+  return out
+
+
+def restore_params(config: ml_collections.ConfigDict, model, mesh, workdir: str,
+                   step: int | None = None):
+  """(step, params) of WORKDIR/checkpoints/<step> (default: latest), sharded over `mesh`."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"--workdir={workdir}: no checkpoints/ directory (train first: "
+                     "python -m locca_jax.train --config=... --workdir=...)")
+  spec = train_step.make_state_spec(model, config, mesh)
+  ckpt = checkpoint.Checkpointer(directory, every=config.ckpt_every, keep=config.keep_ckpts,
+                                 async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"--workdir={workdir}: no checkpoint in {directory}")
+    state = ckpt.restore(step, spec.abstract)
+  finally:
+    ckpt.close()
+  return step, state["params"]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        step: int | None = None, names=None) -> dict:
+  """Restores a checkpoint and runs the evaluators -> {"step": N, "<name>/<metric>": ...}."""
+  names = eval_names(config, names)
+  if not names:
+    raise ValueError("config.evals is empty: nothing to evaluate (see configs/locca_b16.py)")
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = input_pipeline.make_tokenizer(config.input.tokenizer)
+  model = locca.make_model(config.model, tokenizer.vocab_size, config.input.seq_len)
+  step, params = restore_params(config, model, mesh, workdir, step)
+  metrics = run_evals(config, params, model, tokenizer, mesh, step, workdir, names=names)
+  return {"step": int(step), **metrics}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # TensorFlow only feeds the input pipeline: keep it off the accelerators.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON object only
+    result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+                                 names=_EVALS.value)
+  if jax.process_index() == 0:
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,82 @@
+"""`perplexity`: teacher-forced token NLL / perplexity per task on an eval split.
+
+The eval split's task rows are built exactly as in training (`input_pipeline.make_eval_dataset`:
+same preprocessing, prefixes, loss masks, and the same stateless per-example sampling of the
+caption / object of each row). Per task t, over all trained tokens (mask_loss 1) of all valid
+examples (mask_valid 1; padding rows never count):
+
+  nll_t = sum(token NLL * mask) / sum(mask),   ppl_t = exp(nll_t)
+
+and `nll` / `ppl` over the tokens of all tasks together: the masked mean of
+`train_step.compute_loss`, accumulated over the whole split instead of one batch.
+
+Metrics: `nll`, `ppl`, `nll_<task>`, `ppl_<task>`, `tokens_<task>`, `num_examples`.
+
+Config (config.evals.NAME): type="perplexity", data=dict(name, split[, data_dir]),
+batch_size, max_examples (first N images), log_steps.
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from locca_jax import sharding
+from locca_jax.data import input_pipeline
+from locca_jax.evaluators import common
+from locca_jax.models import decoder as decoder_lib
+
+FIELDS = ("image", "text", "mask_loss", "mask_valid")
+
+
+def make_sums_fn(model, mesh):
+  """Jitted (params, batch) -> (NLL sum [T], token count [T], valid examples []), replicated."""
+
+  def sums(params, batch):
+    text = batch["text"]
+    tokens, self_mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
+    logits = model.apply({"params": params}, batch["image"], tokens, self_mask)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
+    weight = batch["mask_loss"] * batch["mask_valid"][:, None, None]
+    return ((nll * weight).sum(axis=(0, 2)), weight.sum(axis=(0, 2)),
+            batch["mask_valid"].sum())
+
+  jitted = jax.jit(sums, out_shardings=NamedSharding(mesh, P()))
+
+  def run(params, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return jitted(params, batch)
+  return run
+
+
+def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], list[dict]]:
+  """Returns ({"nll", "ppl", "nll_<task>", ...}, []) (no per-example records)."""
+  tasks = tuple(ctx.config.input.tasks)
+  data = common.eval_data(ctx.config, name, cfg)
+  local = common.local_batch_size(ctx.config, name, cfg, ctx.mesh)
+  ds = input_pipeline.make_eval_dataset(
+      ctx.config, ctx.tokenizer, split=data["split"], data=data,
+      batch_size=local * jax.process_count())
+  sums_fn = make_sums_fn(ctx.model, ctx.mesh)
+  nll_sum, count = np.zeros(len(tasks), np.float64), np.zeros(len(tasks), np.float64)
+  num_examples = 0.0
+  for batch in ds.as_numpy_iterator():
+    glob = sharding.global_batch({k: batch[k] for k in FIELDS}, ctx.mesh)
+    s, c, n = jax.device_get(sums_fn(ctx.params, glob))
+    nll_sum += s
+    count += c
+    num_examples += float(n)
+  metrics = {}
+  for t, task in enumerate(tasks):
+    if count[t]:
+      metrics[f"nll_{task}"] = nll_sum[t] / count[t]
+      metrics[f"ppl_{task}"] = math.exp(metrics[f"nll_{task}"])
+    metrics[f"tokens_{task}"] = count[t]
+  total = count.sum()
+  metrics["nll"] = nll_sum.sum() / max(total, 1.0)
+  metrics["ppl"] = math.exp(metrics["nll"])
+  metrics["num_examples"] = int(round(num_examples))
+  return {k: float(v) if k != "num_examples" else v for k, v in metrics.items()}, []
