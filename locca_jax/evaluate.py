@@ -48,12 +48,6 @@ from locca_jax.models import locca
 EVALUATORS = dict(rec=rec.evaluate, caption=caption.evaluate, gcap=gcap.evaluate,
                   perplexity=perplexity.evaluate)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with checkpoints/ (as for train).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-_EVALS = flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
-
 
 def eval_names(config: ml_collections.ConfigDict, names=None) -> list[str]:
   """`names` (default: all of config.evals), checked against config.evals."""
@@ -147,19 +141,32 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   return {"step": int(step), **metrics}
 
 
-def main(argv):
+def _define_flags():
+  """The command's flags; defined only when run as a program, so that the trainer (which
+  defines its own --config / --workdir) can import this module."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                             lock_config=True),
+      workdir=flags.DEFINE_string("workdir", None, "Workdir with checkpoints/ (as for train)."),
+      step=flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest)."),
+      evals=flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all)."))
+
+
+def main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON object only
-    result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
-                                 names=_EVALS.value)
+    result = evaluate_checkpoint(flag_values["config"].value, flag_values["workdir"].value,
+                                 step=flag_values["step"].value,
+                                 names=flag_values["evals"].value)
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _FLAGS))

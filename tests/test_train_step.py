@@ -127,3 +127,37 @@ def test_train_step_on_8_devices_matches_one_device_for_each_mesh(tmp_path):
     np.testing.assert_allclose(got["params"], ref["params"], rtol=1e-4, atol=1e-5,
                                err_msg=name)
     np.testing.assert_allclose(got["opt"], ref["opt"], rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+_NO_TF_WORKER = textwrap.dedent("""
+    import sys
+    sys.modules["tensorflow"] = None  # any `import tensorflow` now raises ImportError
+    sys.path.insert(0, {repo!r})
+    import numpy as np
+    from locca_jax import checkpoint, optim, sharding, train_step
+    from locca_jax.models import locca
+    from tests.conftest import tiny_config
+
+    config = tiny_config(data_dir=None)
+    mesh = sharding.make_mesh(config.mesh)
+    model = locca.make_model(config.model, 50, config.input.seq_len)
+    spec = train_step.make_state_spec(model, config, mesh)
+    step = train_step.make_train_step(model, spec.tx, config, mesh, spec.shardings)
+    rng = np.random.default_rng(0)
+    batch = dict(image=np.zeros((8, 32, 32, 3), np.float32),
+                 text=rng.integers(1, 50, (8, 3, 48)).astype(np.int32),
+                 mask_loss=np.ones((8, 3, 48), np.float32))
+    _, metrics = step(spec.init(), sharding.global_batch(batch, mesh))
+    assert np.isfinite(float(metrics["train/loss"]))
+    loaded = {{k for k, v in sys.modules.items() if v is not None}}
+    assert not {{m for m in loaded if m.split(".")[0] in ("tensorflow", "tensorflow_text",
+                                                          "tensorflow_datasets")}}
+    print("ok")
+""")
+
+
+def test_model_optimizer_sharding_and_train_step_run_without_tensorflow():
+  code = _NO_TF_WORKER.format(repo=REPO)
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]

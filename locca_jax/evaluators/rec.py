@@ -37,7 +37,8 @@ def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], lis
   records = []
   for batch, out in common.decode_batches(
       ctx, common.batches(ds, local), prompts, prompt_width=width, max_len=max_len,
-      box_constraint=decode_lib.BoxConstraint.from_tokenizer(tok)):
+      box_constraint=decode_lib.BoxConstraint.from_tokenizer(
+          tok, prefix=common.prefix(ctx.config, "aref"), separator=common.SEPARATOR)):
     for i in np.flatnonzero(batch["mask_valid"] > 0):
       records.append(dict(
           index=int(batch["index"][i]), image_id=int(batch["image_id"][i]),

@@ -1,0 +1,303 @@
+"""Evaluators: metric arithmetic (by hand, and against pycocoevalcap), every example counted
+exactly once under padding on 1 and 8 devices, and `python -m locca_jax.evaluate` end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from locca_jax import tokenizer as tokenizer_lib
+from locca_jax.evaluators import caption
+from locca_jax.evaluators import rec
+from locca_jax.evaluators import scoring
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EOS = tokenizer_lib.EOS_ID
+EVAL_IMAGES = 12  # max_examples: the first 12 validation images (~40 objects)
+EVAL_BATCH = 8    # global eval batch: 12 images / ~40 objects -> the last batch is padded
+METRIC_KEYS = {
+    "rec": {"acc@0.5", "miou", "unparsable", "num_examples"},
+    "caption": {"cider", "bleu4", "rouge_l", "num_examples"},
+    "gcap": {"cider", "bleu4", "rouge_l", "num_examples"},
+    "perplexity": {"nll", "ppl", "num_examples"} | {f"{m}_{t}" for m in ("nll", "ppl", "tokens")
+                                                    for t in ("cap", "aref", "gcap")},
+}
+
+
+# ------------------------------------------------------------------------------ rec metrics
+def test_rec_counts_iou_of_exactly_one_half_as_correct_and_an_unparsable_box_as_iou_0():
+  # 4 bins: coordinates decode to the bin centres 0.125, 0.375, 0.625, 0.875 (exact in
+  # binary), so every IoU below is exact. Text order: xmin ymin xmax ymax.
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.SHAPES_SP_MODEL, bins=4)
+  pred = "0 0 1 3"  # yxyx [0.125, 0.125, 0.875, 0.375]: 0.75 high, 0.25 wide, area 0.1875
+  cases = [  # (continuation text, ground truth yxyx, IoU by hand)
+      (pred, [0.125, 0.125, 0.875, 0.375], 1.0),
+      # Inside the prediction, half its area: IoU = 0.09375 / 0.1875 = 0.5 exactly.
+      (pred, [0.125, 0.125, 0.5, 0.375], 0.5),
+      # Sticks out by 0.025 in x: inter 0.09375, union 0.1875 + 0.103125 - 0.09375.
+      (pred, [0.125, 0.125, 0.5, 0.4], 0.09375 / 0.196875),
+      ("2 2 3 3", [0.0, 0.0, 0.5, 0.5], 0.0),  # parsable, disjoint
+      ("the red circle", [0.125, 0.125, 0.875, 0.375], 0.0),  # not a box
+  ]
+  records = [dict(tokens=tok.encode(text) + [EOS, 0, 0], gt_box=gt) for text, gt, _ in cases]
+  metrics, out = rec.score(tok, records)
+  expected_iou = [c[2] for c in cases]
+  np.testing.assert_allclose([r["iou"] for r in out], expected_iou, rtol=1e-12)
+  assert out[1]["iou"] == 0.5  # the boundary case is exactly 0.5, and counts as correct
+  assert metrics["acc@0.5"] == 2 / 5
+  assert metrics["miou"] == pytest.approx(sum(expected_iou) / 5, rel=1e-12)
+  assert metrics["unparsable"] == 1 / 5
+  assert metrics["num_examples"] == 5
+  assert out[4]["pred_box"] is None and out[0]["pred_box"] == [0.125, 0.125, 0.875, 0.375]
+  assert out[0]["prediction"] == pred
+
+
+# ------------------------------------------------------------------------------ caption metrics
+def test_caption_tokens_lowercase_and_split_on_punctuation():
+  assert scoring.caption_tokens("A red-circle, LEFT of  the Star.") == "a red circle left of the star"
+  assert scoring.caption_tokens("it's 2 squares!") == "it s 2 squares"
+  assert scoring.caption_tokens(" ... ") == ""
+
+
+def test_caption_scores_equal_pycocoevalcap_on_the_same_tokenized_inputs():
+  from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.cider.cider import Cider  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.rouge.rouge import Rouge  # pylint: disable=g-import-not-at-top
+  predictions = ["A red circle, and a blue square.", "Two GREEN stars", "",
+                 "a yellow diamond on a gray background"]
+  references = [["A red circle and a blue square!", "a blue square, a red circle"],
+                ["two green stars on a white background", "Two stars."],
+                ["a purple cross"],
+                ["an image of a yellow diamond", "A yellow diamond on a gray background."]]
+  # The same texts, tokenized by hand as documented (lowercase, punctuation dropped).
+  res = {0: ["a red circle and a blue square"], 1: ["two green stars"], 2: [""],
+         3: ["a yellow diamond on a gray background"]}
+  gts = {0: ["a red circle and a blue square", "a blue square a red circle"],
+         1: ["two green stars on a white background", "two stars"],
+         2: ["a purple cross"],
+         3: ["an image of a yellow diamond", "a yellow diamond on a gray background"]}
+  records = [dict(prediction=p, references=r) for p, r in zip(predictions, references)]
+  metrics, out = caption.score(records)
+  cider, per_example = Cider().compute_score(gts, res)
+  assert metrics["cider"] == pytest.approx(cider, rel=1e-12)
+  np.testing.assert_allclose([r["cider"] for r in out], per_example, rtol=1e-12)
+  assert metrics["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3],
+                                           rel=1e-12)
+  assert metrics["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
+  assert metrics["num_examples"] == 4 and 0 < metrics["cider"] < 10
+
+
+def test_captions_equal_to_their_only_reference_score_cider_10():
+  # Identical tf-idf vectors have cosine 1 for every n-gram order (each caption has >= 4
+  # words and some n-gram of each order that no other image has) and no length penalty:
+  # CIDEr = 10 x mean over n of 1.
+  refs = ["a small red circle", "two blue squares on a white background",
+          "the left green star"]
+  metrics, _ = scoring.caption_scores([r.upper() + "." for r in refs], [[r] for r in refs])
+  assert metrics["cider"] == pytest.approx(10.0, rel=1e-9)
+  assert metrics["bleu4"] == pytest.approx(1.0, rel=1e-6)
+  assert metrics["rouge_l"] == pytest.approx(1.0, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ end to end
+_CONFIG_FILE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    from tests.conftest import tiny_config
+
+    def get_config(arg=None):
+      c = tiny_config({data_dir!r})
+      for name in c.evals:
+        c.evals[name].data = dict(name="locca_shapes/tiny", split="validation",
+                                  data_dir={data_dir!r})
+        c.evals[name].batch_size = {batch}
+        c.evals[name].max_examples = {images}
+      if arg == "mesh222":
+        c.mesh = (("data", 2), ("fsdp", 2), ("tensor", 2))
+      return c
+""")
+
+# 8 simulated CPU devices, mesh data=2 x fsdp=2 x tensor=2: params restored sharded.
+_DEVICES_WORKER = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    sys.path.insert(0, {config_dir!r})
+    import jax
+    import eval_config
+    from locca_jax import evaluate, sharding
+    from locca_jax.data import input_pipeline
+    from locca_jax.models import locca
+    assert jax.device_count() == 8, jax.devices()
+    config = eval_config.get_config("mesh222")
+    mesh = sharding.make_mesh(config.mesh)
+    tok = input_pipeline.make_tokenizer(config.input.tokenizer)
+    model = locca.make_model(config.model, tok.vocab_size, config.input.seq_len)
+    step, params = evaluate.restore_params(config, model, mesh, {workdir!r})
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(params))
+    metrics = evaluate.run_evals(config, params, model, tok, mesh, step, {out!r}, names={names!r})
+    print(json.dumps(metrics))
+""")
+
+
+def _has_decode():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return importlib.util.find_spec("locca_jax.decode") is not None
+
+
+def _names():
+  """Evaluators this checkout can run: the decoding ones need locca_jax/decode.py."""
+  return ["caption", "gcap", "perplexity", "rec"] if _has_decode() else ["perplexity"]
+
+
+def _env(devices):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_data_dir, tmp_path_factory):
+  """A tiny_config workdir trained for 6 steps, its eval config file, then both eval runs:
+  the CLI (1 device) and the 8-device worker, started together (they are independent)."""
+  from locca_jax import train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("evaluate")
+  config_dir, workdir, out8 = root / "config", root / "workdir", root / "out8"
+  config_dir.mkdir()
+  (config_dir / "eval_config.py").write_text(_CONFIG_FILE.format(
+      repo=REPO, data_dir=shapes_data_dir, batch=EVAL_BATCH, images=EVAL_IMAGES))
+  sys.path.insert(0, str(config_dir))
+  try:
+    import eval_config  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(config_dir))
+  config = eval_config.get_config()
+  train.train_and_evaluate(config, str(workdir))
+
+  names = _names()
+  cli = subprocess.Popen(
+      [sys.executable, "-m", "locca_jax.evaluate", f"--config={config_dir}/eval_config.py",
+       f"--workdir={workdir}", f"--evals={','.join(names)}"],
+      cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  worker = subprocess.Popen(
+      [sys.executable, "-c", _DEVICES_WORKER.format(
+          repo=REPO, config_dir=str(config_dir), workdir=str(workdir), out=str(out8),
+          names=names)],
+      cwd=REPO, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  runs = {}
+  for key, proc in (("cli", cli), ("devices8", worker)):
+    stdout, stderr = proc.communicate(timeout=600)
+    runs[key] = dict(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+  return dict(config=config, workdir=workdir, out8=out8, names=names, runs=runs,
+              data_dir=shapes_data_dir)
+
+
+def _expected_examples(data_dir):
+  """(image, object) keys of the first EVAL_IMAGES validation images, read straight from TFDS."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from locca_jax.data import locca_shapes  # pylint: disable=g-import-not-at-top
+  builder = locca_shapes.prepare("tiny", data_dir)
+  ds = builder.as_dataset(split=f"validation[:{EVAL_IMAGES}]", shuffle_files=False)
+  return sorted((i, j) for i, ex in enumerate(tfds.as_numpy(ds))
+                for j in range(len(ex["objects"]["bbox"])))
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_evaluate_cli_prints_one_json_object_with_every_metric_and_writes_predictions(trained):
+  run = trained["runs"]["cli"]
+  assert run["returncode"] == 0, run["stderr"][-4000:]
+  lines = run["stdout"].strip().splitlines()
+  assert len(lines) == 1, run["stdout"]
+  result = json.loads(lines[0])
+  expected = {"step"} | {f"{n}/{k}" for n in trained["names"] for k in METRIC_KEYS[n]}
+  assert set(result) == expected
+  assert result["step"] == trained["config"].total_steps
+  assert all(math.isfinite(v) for v in result.values())
+  if not _has_decode():
+    pytest.skip("locca_jax/decode.py is missing: only `perplexity` ran; rec / caption / gcap "
+                "need the decoder")
+  keys = _expected_examples(trained["data_dir"])
+  assert result["rec/num_examples"] == result["gcap/num_examples"] == len(keys)
+  assert result["caption/num_examples"] == result["perplexity/num_examples"] == EVAL_IMAGES
+  assert 0 <= result["rec/acc@0.5"] <= 1 and 0 <= result["rec/miou"] <= 1
+  for name, n in (("rec", len(keys)), ("gcap", len(keys)), ("caption", EVAL_IMAGES)):
+    records = _read_jsonl(trained["workdir"] / "eval" / f"{name}_step{result['step']}.jsonl")
+    assert len(records) == n, name
+  rec_records = _read_jsonl(trained["workdir"] / "eval" / f"rec_step{result['step']}.jsonl")
+  assert {"refexp", "gt_box", "pred_box", "prediction", "iou"} <= set(rec_records[0])
+
+
+@pytest.mark.slow
+def test_padded_eval_counts_every_example_once_on_1_and_on_8_devices(trained):
+  cli, dev8 = trained["runs"]["cli"], trained["runs"]["devices8"]
+  assert cli["returncode"] == 0, cli["stderr"][-4000:]
+  assert dev8["returncode"] == 0, dev8["stderr"][-4000:]
+  one = json.loads(cli["stdout"].strip().splitlines()[-1])
+  eight = json.loads(dev8["stdout"].strip().splitlines()[-1])
+  # Perplexity: the same token counts (so the same rows, none twice, no padding) and NLL.
+  for task in ("cap", "aref", "gcap"):
+    assert one[f"perplexity/tokens_{task}"] == eight[f"perplexity/tokens_{task}"] > 0
+    assert one[f"perplexity/nll_{task}"] == pytest.approx(eight[f"perplexity/nll_{task}"],
+                                                          rel=1e-5)
+  assert one["perplexity/num_examples"] == eight["perplexity/num_examples"] == EVAL_IMAGES
+  if not _has_decode():
+    pytest.skip("locca_jax/decode.py is missing: decoding evaluators not run")
+  # Decoding: each (image, object) of the split exactly once, with the same predictions.
+  keys = _expected_examples(trained["data_dir"])
+  step = one["step"]
+  for name in ("rec", "gcap"):
+    runs = [_read_jsonl(d / f"{name}_step{step}.jsonl")
+            for d in (trained["workdir"] / "eval", trained["out8"] / "eval")]
+    for records in runs:
+      assert sorted((r["index"], r["object"]) for r in records) == keys, name
+    assert one[f"{name}/num_examples"] == eight[f"{name}/num_examples"] == len(keys)
+    agree = np.mean([a["prediction"] == b["prediction"] for a, b in zip(*runs)])
+    assert agree >= 0.9, (name, agree)  # float reduction order may flip a near tie
+  captions = [_read_jsonl(d / f"caption_step{step}.jsonl")
+              for d in (trained["workdir"] / "eval", trained["out8"] / "eval")]
+  for records in captions:
+    assert [r["index"] for r in records] == list(range(EVAL_IMAGES))
+  assert one["caption/num_examples"] == eight["caption/num_examples"] == EVAL_IMAGES
+
+
+@pytest.mark.slow
+def test_perplexity_over_padded_batches_equals_compute_loss_on_the_unpadded_split(trained):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from locca_jax import evaluate, sharding, train_step  # pylint: disable=g-import-not-at-top
+  from locca_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from locca_jax.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  from locca_jax.models import locca  # pylint: disable=g-import-not-at-top
+  config = trained["config"]
+  mesh = sharding.make_mesh(config.mesh)
+  tok = input_pipeline.make_tokenizer(config.input.tokenizer)
+  model = locca.make_model(config.model, tok.vocab_size, config.input.seq_len)
+  _, params = evaluate.restore_params(config, model, mesh, str(trained["workdir"]))
+  # Reference: ONE unpadded batch of exactly the evaluated images, the training loss.
+  data = dict(config.evals.perplexity.data)
+  ds = input_pipeline.make_eval_dataset(config, tok, split=f"validation[:{EVAL_IMAGES}]",
+                                        data=data, batch_size=EVAL_IMAGES)
+  (batch,) = list(ds.as_numpy_iterator())
+  assert batch["mask_valid"].all()
+  tokens, mask = decoder_lib.decoder_inputs(jnp.asarray(batch["text"]),
+                                            jnp.zeros(batch["text"].shape[:2], bool))
+  logits = model.apply({"params": params}, jnp.asarray(batch["image"]), tokens, mask)
+  loss, ref = train_step.compute_loss(logits, jnp.asarray(batch["text"]),
+                                      jnp.asarray(batch["mask_loss"]), config.input.tasks)
+  got = trained["runs"]["cli"]
+  assert got["returncode"] == 0, got["stderr"][-4000:]
+  got = json.loads(got["stdout"].strip().splitlines()[-1])
+  for t, task in enumerate(config.input.tasks):
+    assert got[f"perplexity/nll_{task}"] == pytest.approx(float(ref[f"train/loss_{task}"]),
+                                                          rel=1e-5)
+    assert got[f"perplexity/tokens_{task}"] == float(batch["mask_loss"][:, t].sum())
+  assert got["perplexity/nll"] == pytest.approx(float(loss), rel=1e-5)
+  assert got["perplexity/ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
