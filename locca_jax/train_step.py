@@ -58,12 +58,11 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callabl
   return loss_fn
 
 
-def _dummy_inputs(config: ml_collections.ConfigDict):
-  size, seq_len = config.input.image_size, config.input.seq_len
-  num_tasks = len(config.input.tasks)
-  return (jnp.zeros((1, size, size, 3), jnp.float32),
-          jnp.zeros((1, num_tasks, seq_len), jnp.int32),
-          jnp.ones((1, num_tasks, seq_len, seq_len), bool))
+def dummy_inputs(image_size: int, num_rows: int, seq_len: int):
+  """(image, tokens, self_mask) of batch 1: what `model.init` needs to build the params."""
+  return (jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+          jnp.zeros((1, num_rows, seq_len), jnp.int32),
+          jnp.ones((1, num_rows, seq_len, seq_len), bool))
 
 
 class StateSpec(NamedTuple):
@@ -78,7 +77,8 @@ class StateSpec(NamedTuple):
 def make_state_spec(model: nn.Module, config: ml_collections.ConfigDict,
                     mesh: Mesh) -> StateSpec:
   """Shapes and shardings of the train state; params float32 whatever the compute dtype."""
-  dummy = _dummy_inputs(config)
+  dummy = dummy_inputs(config.input.image_size, len(config.input.tasks),
+                       config.input.seq_len)
   init_params = lambda rng: model.init(rng, *dummy)["params"]  # pylint: disable=unnecessary-lambda-assignment
   boxed = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   tx, schedule_fn = optim.make(config, boxed)
