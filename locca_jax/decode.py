@@ -23,6 +23,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from locca_jax import boxes as boxlib
 from locca_jax.models import decoder as decoder_lib
@@ -41,19 +42,20 @@ class BoxConstraint:
   For the 4 steps after such a prompt only coordinate tokens are allowed, in `order`, each
   bounded so that every max coordinate ends strictly greater than its min (xmax > xmin,
   ymax > ymin, whatever the order: a min written first stays <= bins-2, leaving room); the 5th
-  step allows only eos. The mask is a function of device arrays, so it runs inside the jitted
-  loop for every method.
+  step allows only eos. The mask is computed from `coord_value` with jax.numpy inside the jitted
+  loop, for every method (so an invalid box can never be produced, whatever the logits).
 
   A prompt asks for a box when it starts with `prefix_ids` and ends with `suffix_ids` (the
   ARef row `aref: <refexp> :`); empty tuples match every prompt.
 
   Fields:
-    coord_value: int32 [V], the coordinate q in [0, bins) a token id writes, -1 for others.
+    coord_value: int32 [V] (numpy), the coordinate q in [0, bins) a token id writes, -1 for
+      other tokens.
     bins: number of quantization bins.
     order: the written coordinate order as indices into yxyx (`boxes.order_indices`).
     prefix_ids, suffix_ids: token ids (see above).
   """
-  coord_value: jax.Array
+  coord_value: np.ndarray
   bins: int = flax.struct.field(pytree_node=False)
   order: tuple[int, ...] = flax.struct.field(pytree_node=False, default=(1, 0, 3, 2))
   prefix_ids: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
@@ -78,7 +80,7 @@ class BoxConstraint:
                        "(expected one distinct token per bin)")
     coord_value = np.full([vocab_size], -1, np.int32)
     coord_value[ids] = np.arange(bins, dtype=np.int32)
-    return cls(jnp.asarray(coord_value), bins=bins, order=boxlib.order_indices(box_order),
+    return cls(coord_value, bins=bins, order=boxlib.order_indices(box_order),
                prefix_ids=tuple(int(i) for i in prefix_ids),
                suffix_ids=tuple(int(i) for i in suffix_ids))
 
@@ -141,7 +143,8 @@ class BoxConstraint:
     b, k, s = seqs.shape
     step = (i - prompt_lens)[:, None]  # [B, 1]: index of the token chosen now after the prompt
     idx = jnp.clip(prompt_lens[:, None, None] + jnp.arange(4), 0, s - 1)
-    prev = self.coord_value[jnp.take_along_axis(seqs, jnp.broadcast_to(idx, (b, k, 4)), 2)]
+    coord_value = jnp.asarray(self.coord_value)
+    prev = coord_value[jnp.take_along_axis(seqs, jnp.broadcast_to(idx, (b, k, 4)), 2)]
     lo = jnp.full([b, k], -1)  # exclusive bounds on the coordinate written at this step
     hi = jnp.full([b, k], self.bins)
     for pos, coord in enumerate(self.order):
@@ -153,9 +156,9 @@ class BoxConstraint:
         lo_p, hi_p = (0, self.bins) if is_max else (-1, self.bins - 1)
       lo = jnp.where(step == pos, lo_p, lo)
       hi = jnp.where(step == pos, hi_p, hi)
-    value = self.coord_value[None, None]  # -1 for non-coordinates: never > lo >= -1
+    value = coord_value[None, None]  # -1 for non-coordinates: never > lo >= -1
     coord_ok = (value > lo[..., None]) & (value < hi[..., None])
-    eos_ok = (jnp.arange(self.coord_value.shape[0]) == eos_id)[None, None]
+    eos_ok = (jnp.arange(coord_value.shape[0]) == eos_id)[None, None]
     ok = jnp.where((step < 4)[..., None], coord_ok, eos_ok)
     applies = (active[:, None] & (step >= 0))[..., None]
     return ok | ~applies
@@ -234,9 +237,10 @@ def _greedy_or_sample(stepper, forced, prompt_lens, active, rng, temperature, *,
     logits = _constrain(logits, seqs[:, None], i, prompt_lens, active, constraint, eos_id)[:, 0]
     if sample:
       logits = logits / temperature
-      if top_k:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, NEG, logits)
+      # top_k is a traced value (one compilation for all k): threshold at the k-th largest.
+      desc = jnp.flip(jnp.sort(logits, -1), -1)
+      kth = jax.lax.dynamic_index_in_dim(desc, jnp.clip(top_k - 1, 0, desc.shape[-1] - 1), 1)
+      logits = jnp.where((top_k > 0) & (logits < kth), NEG, logits)
       tok = jax.random.categorical(jax.random.fold_in(rng, i), logits)
     else:
       tok = jnp.argmax(logits, -1)
@@ -329,18 +333,23 @@ class _Static:
     return hash(self._key)
 
   def __eq__(self, other):
-    return isinstance(other, _Static) and other._key == self._key  # pylint: disable=protected-access
+    return isinstance(other, _Static) and repr(other.module) == self._key
+
+
+@functools.partial(jax.jit, static_argnames=("static_model",))
+def _encode_jit(static_model, params, images):
+  # Its own jit: one encoder compilation serves every method and decoding option.
+  return static_model.module.apply({"params": params}, images, method="encode")
 
 
 @functools.partial(jax.jit, static_argnames=("static_model", "max_len", "eos_id", "method",
-                                             "beam_size", "top_k", "use_cache"))
-def _decode_jit(static_model, params, images, prompts, prompt_lens, rng, box_constraint,
-                length_penalty, temperature, *, max_len, eos_id, method, beam_size, top_k,
+                                             "beam_size", "use_cache"))
+def _decode_jit(static_model, params, visual, prompts, prompt_lens, rng, box_constraint,
+                length_penalty, temperature, top_k, *, max_len, eos_id, method, beam_size,
                 use_cache):
   model = static_model.module
   b, width = prompts.shape
   s = width + max_len
-  visual = model.apply({"params": params}, images, method="encode")  # once per image
   forced = jnp.pad(prompts, [(0, 0), (0, max_len)])  # [B, S]
   active = (box_constraint.active(prompts, prompt_lens) if box_constraint is not None
             else jnp.zeros([b], bool))
@@ -361,9 +370,18 @@ def _decode_jit(static_model, params, images, prompts, prompt_lens, rng, box_con
   return jnp.where(after_eos, PAD_ID, out)
 
 
+def _scalar(x) -> int:
+  """A reduction's value: replicated, so readable on every process even for global arrays."""
+  return int(np.asarray(x))
+
+
 def _decode(model, params, images, prompts, prompt_lens, *, max_len, eos_id, method,
             beam_size, length_penalty, temperature, top_k, rng, box_constraint, use_cache):
-  """Checks the arguments (concrete values: this runs outside jit), then runs `_decode_jit`."""
+  """Checks the arguments, then runs `_encode_jit` and `_decode_jit`.
+
+  Inputs may be numpy or (global, sharded) jax.Arrays: value checks use reductions, which are
+  replicated, so they also work when no process holds all the rows (multi-host).
+  """
   if method not in METHODS:
     raise ValueError(f"method {method!r}: expected one of {METHODS}")
   dec_cfg = getattr(model, "decoder", None)
@@ -371,31 +389,34 @@ def _decode(model, params, images, prompts, prompt_lens, *, max_len, eos_id, met
     raise ValueError(f"model: expected a LocCa model (`models.locca.make_model`) with a decoder "
                      f"config dict, got {type(model).__name__}")
   limit, vocab = int(dec_cfg["max_len"]), int(dec_cfg["vocab_size"])
-  images = np.asarray(images, np.float32)
-  prompts = np.asarray(prompts)
-  prompt_lens = np.asarray(prompt_lens)
+  images = images if isinstance(images, jax.Array) else np.asarray(images, np.float32)
+  prompts = prompts if isinstance(prompts, jax.Array) else np.asarray(prompts)
+  prompt_lens = prompt_lens if isinstance(prompt_lens, jax.Array) else np.asarray(prompt_lens)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images: expected float [B, H, W, 3], got shape {images.shape}")
   b = images.shape[0]
-  if prompts.ndim != 2 or prompts.shape[0] != b or not np.issubdtype(prompts.dtype, np.integer):
+  if prompts.ndim != 2 or prompts.shape[0] != b or not jnp.issubdtype(prompts.dtype, jnp.integer):
     raise ValueError(f"prompts: expected int [B={b}, Lp] (right-padded with {PAD_ID}), got "
                      f"shape {prompts.shape} dtype {prompts.dtype}")
-  if prompt_lens.shape != (b,) or not np.issubdtype(prompt_lens.dtype, np.integer):
+  if prompt_lens.shape != (b,) or not jnp.issubdtype(prompt_lens.dtype, jnp.integer):
     raise ValueError(f"prompt_lens: expected int [B={b}], got shape {prompt_lens.shape} dtype "
                      f"{prompt_lens.dtype}")
-  width = prompts.shape[1]
-  if np.any((prompt_lens < 0) | (prompt_lens > width)):
-    bad = int(np.argmax((prompt_lens < 0) | (prompt_lens > width)))
-    raise ValueError(f"prompt_lens[{bad}] = {prompt_lens[bad]}: expected 0..{width} (the "
-                     "prompts' width)")
-  if np.any((prompts < 0) | (prompts >= vocab)):
-    raise ValueError(f"prompts: token ids outside the vocabulary [0, {vocab}): "
-                     f"{np.unique(prompts[(prompts < 0) | (prompts >= vocab)])[:5].tolist()}")
   if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 1:
     raise ValueError(f"max_len: expected a positive number of tokens, got {max_len!r}")
+  if b == 0:
+    return np.zeros((0, max_len), np.int32)
+  width = prompts.shape[1]
+  bad = (prompt_lens < 0) | (prompt_lens > width)
+  if _scalar(jnp.any(bad)):
+    row = _scalar(jnp.argmax(bad))
+    value = _scalar(jnp.max(jnp.where(jnp.arange(b) == row, prompt_lens, -2**31)))
+    raise ValueError(f"prompt_lens[{row}] = {value}: expected 0..{width} (the prompts' width)")
+  if width and (_scalar(jnp.min(prompts)) < 0 or _scalar(jnp.max(prompts)) >= vocab):
+    raise ValueError(f"prompts: token ids outside the vocabulary [0, {vocab}) (min "
+                     f"{_scalar(jnp.min(prompts))}, max {_scalar(jnp.max(prompts))})")
   if width + max_len > limit:
     # Columns past the longest prompt are padding: drop them rather than refuse.
-    width = max(int(prompt_lens.max(initial=0)), 0)
+    width = _scalar(jnp.max(prompt_lens))
     if width + max_len > limit:
       raise ValueError(f"longest prompt ({width} tokens) + max_len ({max_len}) = "
                        f"{width + max_len} positions > the decoder's max_len {limit}: ask for "
@@ -413,18 +434,28 @@ def _decode(model, params, images, prompts, prompt_lens, *, max_len, eos_id, met
       raise ValueError(f"top_k: expected an integer >= 0 (0 = no top-k), got {top_k!r}")
     if rng is None:
       raise ValueError("method='sample' needs rng (a jax.random key)")
+  # Small host values go in as numpy: replicated inputs on every process, whatever the mesh.
   if rng is None:
-    rng = jax.random.PRNGKey(0)  # unused by greedy and beam search
-  if box_constraint is not None and box_constraint.coord_value.shape[0] != vocab:
-    raise ValueError(f"box_constraint: built for a vocabulary of "
-                     f"{box_constraint.coord_value.shape[0]} tokens, the model has {vocab} (build "
-                     "it from the tokenizer the model was trained with)")
+    rng = np.zeros([2], np.uint32)  # unused by greedy and beam search
+  elif jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = np.asarray(jax.random.key_data(rng))
+  else:
+    rng = np.asarray(rng)
+  if box_constraint is not None:
+    if box_constraint.coord_value.shape[0] != vocab:
+      raise ValueError(f"box_constraint: built for a vocabulary of "
+                       f"{box_constraint.coord_value.shape[0]} tokens, the model has {vocab} "
+                       "(build it from the tokenizer the model was trained with)")
+    box_constraint = box_constraint.replace(coord_value=np.asarray(box_constraint.coord_value))
+  static_model = _Static(model)
+  visual = _encode_jit(static_model, params, images)  # once per image
   out = _decode_jit(
-      _Static(model), params, jnp.asarray(images), jnp.asarray(prompts, jnp.int32),
-      jnp.asarray(prompt_lens, jnp.int32), rng, box_constraint,
-      jnp.float32(length_penalty), jnp.float32(temperature), max_len=int(max_len),
-      eos_id=int(eos_id), method=method, beam_size=int(beam_size) if method == "beam" else 1,
-      top_k=int(top_k) if method == "sample" else 0, use_cache=use_cache)
+      static_model, params, visual, prompts.astype(np.int32), prompt_lens.astype(np.int32), rng,
+      box_constraint, np.float32(length_penalty), np.float32(temperature), np.int32(top_k),
+      max_len=int(max_len), eos_id=int(eos_id), method=method,
+      beam_size=int(beam_size) if method == "beam" else 1, use_cache=use_cache)
+  if not out.is_fully_addressable:  # multi-host: every process gets every row
+    out = multihost_utils.process_allgather(out, tiled=True)
   return np.asarray(out, np.int32)
 
 
