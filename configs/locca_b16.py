@@ -74,13 +74,14 @@ def get_config(arg=None):
   val = dict(name="locca_shapes/base", split="validation")
   every = 600 if runlocal else 10_000
   eval_batch = 32 if runlocal else 1024
+  eval_images = 300 if runlocal else None  # None: the whole split
   c.evals = ml_collections.ConfigDict()
-  c.evals.rec = dict(type="rec", data=val, batch_size=eval_batch, max_examples=None,
-                     log_steps=every, max_len=16)
-  c.evals.caption = dict(type="caption", data=val, batch_size=eval_batch, max_examples=None,
+  c.evals.rec = dict(type="rec", data=val, batch_size=eval_batch, max_examples=eval_images,
+                     log_steps=every, max_len=8)
+  c.evals.caption = dict(type="caption", data=val, batch_size=eval_batch, max_examples=eval_images,
                          log_steps=every, max_len=32)
-  c.evals.gcap = dict(type="gcap", data=val, batch_size=eval_batch, max_examples=None,
+  c.evals.gcap = dict(type="gcap", data=val, batch_size=eval_batch, max_examples=eval_images,
                       log_steps=every, max_len=24)
   c.evals.perplexity = dict(type="perplexity", data=val, batch_size=eval_batch,
-                            max_examples=None, log_steps=every // 3)
+                            max_examples=eval_images, log_steps=every // 3)
   return c

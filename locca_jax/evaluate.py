@@ -14,10 +14,11 @@ Evaluators are declared in the config, one entry per name:
   c.evals.rec = dict(type="rec", data=dict(name="locca_shapes/base", split="validation"),
                      batch_size=64, max_examples=None, log_steps=500)
 
-Fields: `type` (rec | caption | gcap | perplexity, see `locca_jax.evaluators`), `data`
-(name, split, optional data_dir: default config.input.data.data_dir), `batch_size` (global;
+Fields: `type` (rec | caption | gcap | perplexity, see `locca_jax.evaluators`), `data` (one
+data spec of `locca_jax.data.sources`: a TFDS name + split, whose data_dir defaults to
+config.input.data's, or a jsonl / coco_json / vg file), `batch_size` (global;
 default config.input.batch_size; a multiple of the mesh's data x fsdp devices),
-`max_examples` (None: the whole split; N: its first N images), `log_steps` (the trainer runs
+`max_examples` (None: the whole split; N: its first N records), `log_steps` (the trainer runs
 it every that many steps, see `evals_due`), `max_len` (decoding evaluators: decoded tokens;
 prompt width = config.input.seq_len - max_len). Metric keys are `<name>/<metric>`.
 """
@@ -55,11 +56,28 @@ def eval_names(config: ml_collections.ConfigDict, names=None) -> list[str]:
   names = list(evals.keys()) if names is None else list(names)
   for name in names:
     if name not in evals:
-      raise ValueError(f"--evals: {name!r} is not in config.evals (has {sorted(evals)})")
+      raise ValueError(f"evaluator {name!r} is not in config.evals (has {sorted(evals)})")
     kind = evals[name].get("type")
     if kind not in EVALUATORS:
       raise ValueError(f"config.evals.{name}.type={kind!r}: expected one of "
                        f"{sorted(EVALUATORS)}")
+  return names
+
+
+def check_evals(config: ml_collections.ConfigDict, tokenizer, mesh) -> list[str]:
+  """Checks every evaluator's config without reading data (for the trainer to call at start,
+  so that a bad eval config fails before training, not at the first eval). Returns the names.
+  """
+  names = eval_names(config)
+  for name in names:
+    cfg = config.evals[name]
+    common.eval_data(config, name, cfg)
+    common.max_examples(name, cfg)
+    common.local_batch_size(config, name, cfg, mesh)
+    if cfg.type != "perplexity":
+      common.decode_budget(config, name, cfg, 1)
+    if cfg.type == "rec":
+      rec.box_constraint(config, tokenizer, name, cfg)
   return names
 
 

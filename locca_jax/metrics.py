@@ -55,12 +55,24 @@ class MetricsWriter:
     logging.info("step %d/%d | loss %.4f | %s img/s | ETA %s", step, self._total_steps, loss,
                  f"{record['img_per_sec']:.1f}" if "img_per_sec" in record else "-",
                  eta or "-")
+    self._emit(record)
+
+  def write_eval(self, step: int, metrics: Mapping[str, float]):
+    """Evaluator results; the time spent evaluating is kept out of the next img/s."""
+    record = {"step": int(step)}
+    record.update({k: float(v) for k, v in metrics.items()})
+    logging.info("step %d eval: %s", step, json.dumps(record))
+    self._emit(record)
+    self._last = (step, time.monotonic())
+
+  def _emit(self, record):
     if not self._is_main:
       return
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._summary is not None:
-      self._summary.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+      self._summary.write_scalars(record["step"],
+                                  {k: v for k, v in record.items() if k != "step"})
       self._summary.flush()
 
   def close(self):

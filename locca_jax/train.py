@@ -17,6 +17,8 @@ import ml_collections
 from ml_collections import config_flags
 
 from locca_jax import checkpoint
+from locca_jax import distributed
+from locca_jax import evaluate
 from locca_jax import metrics as metrics_lib
 from locca_jax import sharding
 from locca_jax import train_step
@@ -27,6 +29,10 @@ from locca_jax.models import locca
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard.")
+# Multi-process without a cluster JAX detects (SLURM, Cloud TPU): see locca_jax/distributed.py.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -43,6 +49,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = locca.make_model(config.model, tokenizer.vocab_size, config.input.seq_len)
   spec = train_step.make_state_spec(model, config, mesh)
   train_iter = input_pipeline.make_train_iterator(config, tokenizer)
+  evaluate.check_evals(config, tokenizer, mesh)  # a bad eval config fails now, not hours in
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  every=config.ckpt_every, keep=config.keep_ckpts)
 
@@ -75,6 +82,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise FloatingPointError(f"step {step}: train/loss is {metrics['train/loss']}")
       writer.write(step, metrics)
     ckpt.save(step, state, iterator_checkpoint.IteratorSave(train_iter), force=step == end)
+    eval_names = evaluate.evals_due(config, step, config.total_steps)
+    if eval_names:
+      writer.write_eval(step, evaluate.run_evals(config, state["params"], model, tokenizer,
+                                                 mesh, step, workdir, names=eval_names))
   ckpt.wait()
   ckpt.close()
   writer.close()
@@ -90,6 +101,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")

@@ -8,8 +8,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def tiny_config(data_dir: str):
-  """The runlocal config shrunk to seconds per run: 32 px, 1+1 layers, width 32."""
+def tiny_config(data_dir: str, with_evals: bool = False):
+  """The runlocal config shrunk to seconds per run: 32 px, 1+1 layers, width 32.
+
+  `with_evals` keeps the runlocal evaluators (on locca_shapes/tiny validation); without, the
+  trainer only trains (evaluators are tested in tests/test_evaluate.py).
+  """
   from configs import locca_b16  # pylint: disable=g-import-not-at-top
   c = locca_b16.get_config("runlocal")
   c.input.data = dict(name="locca_shapes/tiny", split="train", data_dir=data_dir)
@@ -21,6 +25,12 @@ def tiny_config(data_dir: str):
   c.model.decoder = dict(num_layers=1, width=None, mlp_dim=None, num_heads=None,
                          use_bias=True)
   c.total_steps = 6
+  if with_evals:
+    for name in c.evals:
+      c.evals[name].data = dict(name="locca_shapes/tiny", split="validation",
+                                data_dir=data_dir)
+  else:
+    c.evals = {}
   c.schedule = dict(warmup_steps=2, decay_type="cosine")
   c.log_every = 1
   c.ckpt_every = 3

@@ -20,7 +20,7 @@ EOS = tokenizer_lib.EOS_ID
 EVAL_IMAGES = 12  # max_examples: the first 12 validation images (~40 objects)
 EVAL_BATCH = 8    # global eval batch: 12 images / ~40 objects -> the last batch is padded
 METRIC_KEYS = {
-    "rec": {"acc@0.5", "miou", "unparsable", "num_examples"},
+    "rec": {"acc@0.5", "miou", "unparsable", "truncated", "num_examples"},
     "caption": {"cider", "bleu4", "rouge_l", "num_examples"},
     "gcap": {"cider", "bleu4", "rouge_l", "num_examples"},
     "perplexity": {"nll", "ppl", "num_examples"} | {f"{m}_{t}" for m in ("nll", "ppl", "tokens")
@@ -51,14 +51,15 @@ def test_rec_counts_iou_of_exactly_one_half_as_correct_and_an_unparsable_box_as_
   assert metrics["acc@0.5"] == 2 / 5
   assert metrics["miou"] == pytest.approx(sum(expected_iou) / 5, rel=1e-12)
   assert metrics["unparsable"] == 1 / 5
-  assert metrics["num_examples"] == 5
+  assert metrics["num_examples"] == 5 and metrics["truncated"] == 0
   assert out[4]["pred_box"] is None and out[0]["pred_box"] == [0.125, 0.125, 0.875, 0.375]
   assert out[0]["prediction"] == pred
 
 
 # ------------------------------------------------------------------------------ caption metrics
 def test_caption_tokens_lowercase_and_split_on_punctuation():
-  assert scoring.caption_tokens("A red-circle, LEFT of  the Star.") == "a red circle left of the star"
+  assert (scoring.caption_tokens("A red-circle, LEFT of  the Star.")
+          == "a red circle left of the star")
   assert scoring.caption_tokens("it's 2 squares!") == "it s 2 squares"
   assert scoring.caption_tokens(" ... ") == ""
 
@@ -103,6 +104,63 @@ def test_captions_equal_to_their_only_reference_score_cider_10():
   assert metrics["rouge_l"] == pytest.approx(1.0, rel=1e-12)
 
 
+# ------------------------------------------------------------------------------ config
+def test_check_evals_accepts_the_runlocal_config_and_names_the_bad_field():
+  from configs import locca_b16  # pylint: disable=g-import-not-at-top
+  from locca_jax import evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from locca_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = locca_b16.get_config("runlocal")
+  mesh = sharding.make_mesh(config.mesh)
+  tok = input_pipeline.make_tokenizer(config.input.tokenizer)
+  assert sorted(evaluate.check_evals(config, tok, mesh)) == ["caption", "gcap", "perplexity",
+                                                             "rec"]
+  assert evaluate.evals_due(config, config.total_steps, config.total_steps) == sorted(
+      config.evals.keys())
+  config.evals.rec.max_len = config.input.seq_len
+  with pytest.raises(ValueError, match=r"config.evals.rec.max_len"):
+    evaluate.check_evals(config, tok, mesh)
+  config.evals.rec.max_len = 8
+  config.evals.caption.type = "bleu"
+  with pytest.raises(ValueError, match=r"config.evals.caption.type='bleu'"):
+    evaluate.check_evals(config, tok, mesh)
+
+
+# ------------------------------------------------------------------------------ prompts
+def test_rec_and_gcap_prompts_are_how_the_training_rows_of_the_same_region_start(
+    shapes_data_dir):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from locca_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from locca_jax.evaluators import common  # pylint: disable=g-import-not-at-top
+  from locca_jax.evaluators import gcap  # pylint: disable=g-import-not-at-top
+  config = tiny_config(shapes_data_dir, with_evals=True)
+  tok = input_pipeline.make_tokenizer(config.input.tokenizer)
+  data = dict(name="locca_shapes/tiny", split="validation", data_dir=shapes_data_dir)
+  # Training rows (one sampled region per image and task), unpadded, in split order.
+  (rows,) = input_pipeline.make_eval_dataset(
+      config, tok, data=dict(data, split=f"validation[:{EVAL_IMAGES}]"),
+      batch_size=EVAL_IMAGES).as_numpy_iterator()
+  regions = {}
+  for ex in common.examples(config, common.eval_data(config, "x", dict(data=data)),
+                            per_object=True, limit=EVAL_IMAGES).as_numpy_iterator():
+    regions.setdefault(int(ex["index"]), []).append(ex)
+  assert sorted(regions) == list(range(EVAL_IMAGES))
+  width = config.input.seq_len
+  tasks = list(config.input.tasks)
+  for i in range(EVAL_IMAGES):
+    aref = [int(t) for t in rows["text"][i, tasks.index("aref")] if t]
+    gcap_row = [int(t) for t in rows["text"][i, tasks.index("gcap")] if t]
+    aref_matches = gcap_matches = 0
+    for ex in regions[i]:
+      refexp = ex["refexp"].decode()
+      prompt, truncated = rec.prompt_ids(tok, config, refexp, width)
+      assert not truncated
+      # aref row = rec prompt + the region's box + eos; gcap row = gcap prompt + refexp + eos.
+      aref_matches += aref == prompt + tok.encode_box(ex["box"]) + [EOS]
+      gcap_matches += gcap_row == (gcap.prompt_ids(tok, config, ex["box"]) + tok.encode(refexp)
+                                   + [EOS])
+    assert aref_matches == 1 and gcap_matches == 1, (i, tok.decode(aref), tok.decode(gcap_row))
+
+
 # ------------------------------------------------------------------------------ end to end
 _CONFIG_FILE = textwrap.dedent("""
     import sys
@@ -110,47 +168,60 @@ _CONFIG_FILE = textwrap.dedent("""
     from tests.conftest import tiny_config
 
     def get_config(arg=None):
-      c = tiny_config({data_dir!r})
+      c = tiny_config({data_dir!r}, with_evals=True)
       for name in c.evals:
         c.evals[name].data = dict(name="locca_shapes/tiny", split="validation",
                                   data_dir={data_dir!r})
         c.evals[name].batch_size = {batch}
         c.evals[name].max_examples = {images}
+      # One decoding length for caption and gcap: they share one compiled decoder.
+      c.evals.caption.max_len = c.evals.gcap.max_len = 16
       if arg == "mesh222":
         c.mesh = (("data", 2), ("fsdp", 2), ("tensor", 2))
       return c
 """)
 
-# 8 simulated CPU devices, mesh data=2 x fsdp=2 x tensor=2: params restored sharded.
+# 8 simulated CPU devices, mesh data=2 x fsdp=2 x tensor=2: params restored sharded. Also
+# computes the perplexity reference: the training loss on ONE unpadded batch of exactly the
+# evaluated images.
 _DEVICES_WORKER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, time
     sys.path.insert(0, {repo!r})
     sys.path.insert(0, {config_dir!r})
-    import jax
+    import jax, jax.numpy as jnp
     import eval_config
-    from locca_jax import evaluate, sharding
+    from locca_jax import evaluate, sharding, train_step
     from locca_jax.data import input_pipeline
-    from locca_jax.models import locca
+    from locca_jax.models import decoder as decoder_lib, locca
     assert jax.device_count() == 8, jax.devices()
     config = eval_config.get_config("mesh222")
     mesh = sharding.make_mesh(config.mesh)
     tok = input_pipeline.make_tokenizer(config.input.tokenizer)
     model = locca.make_model(config.model, tok.vocab_size, config.input.seq_len)
+    # Started while the checkpoint is being trained: wait for the test's go-ahead.
+    deadline = time.monotonic() + 600
+    while not os.path.exists({ready!r}) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    if not os.path.exists({ready!r}):
+      sys.exit("no checkpoint after 600 s")
     step, params = evaluate.restore_params(config, model, mesh, {workdir!r})
     assert any(not x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(params))
     metrics = evaluate.run_evals(config, params, model, tok, mesh, step, {out!r}, names={names!r})
-    print(json.dumps(metrics))
+
+    data = dict(config.evals.perplexity.data, split="validation[:{images}]")
+    ds = input_pipeline.make_eval_dataset(config, tok, data=data, batch_size={images})
+    (batch,) = list(ds.as_numpy_iterator())
+    assert batch["mask_valid"].all()
+    text = jnp.asarray(batch["text"])
+    tokens, mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
+    logits = jax.jit(model.apply)({{"params": params}}, jnp.asarray(batch["image"]), tokens, mask)
+    loss, ref = train_step.compute_loss(logits, text, jnp.asarray(batch["mask_loss"]),
+                                        config.input.tasks)
+    ref = {{k: float(v) for k, v in ref.items()}}
+    for t, task in enumerate(config.input.tasks):
+      ref[f"tokens_{{task}}"] = float(batch["mask_loss"][:, t].sum())
+    print(json.dumps(dict(metrics=metrics, reference=ref)))
 """)
-
-
-def _has_decode():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return importlib.util.find_spec("locca_jax.decode") is not None
-
-
-def _names():
-  """Evaluators this checkout can run: the decoding ones need locca_jax/decode.py."""
-  return ["caption", "gcap", "perplexity", "rec"] if _has_decode() else ["perplexity"]
 
 
 def _env(devices):
@@ -162,11 +233,13 @@ def _env(devices):
 
 @pytest.fixture(scope="module")
 def trained(shapes_data_dir, tmp_path_factory):
-  """A tiny_config workdir trained for 6 steps, its eval config file, then both eval runs:
-  the CLI (1 device) and the 8-device worker, started together (they are independent)."""
+  """A tiny_config workdir trained for 6 steps, its eval config file, and both eval runs: the
+  CLI (1 device) and the 8-device worker (started first: it imports and builds while the
+  checkpoint trains, then waits for the `ready` file)."""
   from locca_jax import train  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("evaluate")
-  config_dir, workdir, out8 = root / "config", root / "workdir", root / "out8"
+  config_dir, workdir, out8, ready = (root / "config", root / "workdir", root / "out8",
+                                      root / "ready")
   config_dir.mkdir()
   (config_dir / "eval_config.py").write_text(_CONFIG_FILE.format(
       repo=REPO, data_dir=shapes_data_dir, batch=EVAL_BATCH, images=EVAL_IMAGES))
@@ -176,18 +249,26 @@ def trained(shapes_data_dir, tmp_path_factory):
   finally:
     sys.path.remove(str(config_dir))
   config = eval_config.get_config()
-  train.train_and_evaluate(config, str(workdir))
-
-  names = _names()
+  names = ["caption", "gcap", "perplexity", "rec"]
+  # 8 devices: rec (per-region inputs, as gcap) and perplexity (per-image rows); the 1-device
+  # CLI run covers the per-image captioning inputs. Fewer compiles keep the test short.
+  names8 = [n for n in names if n in ("rec", "perplexity")]
+  worker = subprocess.Popen(
+      [sys.executable, "-c", _DEVICES_WORKER.format(
+          repo=REPO, config_dir=str(config_dir), workdir=str(workdir), out=str(out8),
+          names=names8, images=EVAL_IMAGES, ready=str(ready))],
+      cwd=REPO, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    train.train_and_evaluate(config, str(workdir))
+  except BaseException:
+    worker.kill()
+    raise
+  (root / "ready.tmp").write_text("ok")
+  (root / "ready.tmp").rename(ready)  # atomic: the worker never reads a half-written file
   cli = subprocess.Popen(
       [sys.executable, "-m", "locca_jax.evaluate", f"--config={config_dir}/eval_config.py",
        f"--workdir={workdir}", f"--evals={','.join(names)}"],
       cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  worker = subprocess.Popen(
-      [sys.executable, "-c", _DEVICES_WORKER.format(
-          repo=REPO, config_dir=str(config_dir), workdir=str(workdir), out=str(out8),
-          names=names)],
-      cwd=REPO, env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   runs = {}
   for key, proc in (("cli", cli), ("devices8", worker)):
     stdout, stderr = proc.communicate(timeout=600)
@@ -222,9 +303,6 @@ def test_evaluate_cli_prints_one_json_object_with_every_metric_and_writes_predic
   assert set(result) == expected
   assert result["step"] == trained["config"].total_steps
   assert all(math.isfinite(v) for v in result.values())
-  if not _has_decode():
-    pytest.skip("locca_jax/decode.py is missing: only `perplexity` ran; rec / caption / gcap "
-                "need the decoder")
   keys = _expected_examples(trained["data_dir"])
   assert result["rec/num_examples"] == result["gcap/num_examples"] == len(keys)
   assert result["caption/num_examples"] == result["perplexity/num_examples"] == EVAL_IMAGES
@@ -242,62 +320,53 @@ def test_padded_eval_counts_every_example_once_on_1_and_on_8_devices(trained):
   assert cli["returncode"] == 0, cli["stderr"][-4000:]
   assert dev8["returncode"] == 0, dev8["stderr"][-4000:]
   one = json.loads(cli["stdout"].strip().splitlines()[-1])
-  eight = json.loads(dev8["stdout"].strip().splitlines()[-1])
+  eight = json.loads(dev8["stdout"].strip().splitlines()[-1])["metrics"]
   # Perplexity: the same token counts (so the same rows, none twice, no padding) and NLL.
   for task in ("cap", "aref", "gcap"):
     assert one[f"perplexity/tokens_{task}"] == eight[f"perplexity/tokens_{task}"] > 0
     assert one[f"perplexity/nll_{task}"] == pytest.approx(eight[f"perplexity/nll_{task}"],
                                                           rel=1e-5)
   assert one["perplexity/num_examples"] == eight["perplexity/num_examples"] == EVAL_IMAGES
-  if not _has_decode():
-    pytest.skip("locca_jax/decode.py is missing: decoding evaluators not run")
   # Decoding: each (image, object) of the split exactly once, with the same predictions.
   keys = _expected_examples(trained["data_dir"])
   step = one["step"]
-  for name in ("rec", "gcap"):
-    runs = [_read_jsonl(d / f"{name}_step{step}.jsonl")
-            for d in (trained["workdir"] / "eval", trained["out8"] / "eval")]
-    for records in runs:
-      assert sorted((r["index"], r["object"]) for r in records) == keys, name
-    assert one[f"{name}/num_examples"] == eight[f"{name}/num_examples"] == len(keys)
-    agree = np.mean([a["prediction"] == b["prediction"] for a, b in zip(*runs)])
-    assert agree >= 0.9, (name, agree)  # float reduction order may flip a near tie
-  captions = [_read_jsonl(d / f"caption_step{step}.jsonl")
-              for d in (trained["workdir"] / "eval", trained["out8"] / "eval")]
-  for records in captions:
-    assert [r["index"] for r in records] == list(range(EVAL_IMAGES))
-  assert one["caption/num_examples"] == eight["caption/num_examples"] == EVAL_IMAGES
+  runs = [_read_jsonl(d / f"rec_step{step}.jsonl")
+          for d in (trained["workdir"] / "eval", trained["out8"] / "eval")]
+  for records in runs:
+    assert sorted((r["index"], r["object"]) for r in records) == keys
+  assert one["rec/num_examples"] == eight["rec/num_examples"] == len(keys)
+  agree = np.mean([a["prediction"] == b["prediction"] for a, b in zip(*runs)])
+  assert agree >= 0.9, agree  # float reduction order (tensor parallel) may flip a near tie
+  gcap_records = _read_jsonl(trained["workdir"] / "eval" / f"gcap_step{step}.jsonl")
+  assert sorted((r["index"], r["object"]) for r in gcap_records) == keys
+  captions = _read_jsonl(trained["workdir"] / "eval" / f"caption_step{step}.jsonl")
+  assert [r["index"] for r in captions] == list(range(EVAL_IMAGES))
 
 
 @pytest.mark.slow
-def test_perplexity_over_padded_batches_equals_compute_loss_on_the_unpadded_split(trained):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from locca_jax import evaluate, sharding, train_step  # pylint: disable=g-import-not-at-top
-  from locca_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from locca_jax.models import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
-  from locca_jax.models import locca  # pylint: disable=g-import-not-at-top
-  config = trained["config"]
-  mesh = sharding.make_mesh(config.mesh)
-  tok = input_pipeline.make_tokenizer(config.input.tokenizer)
-  model = locca.make_model(config.model, tok.vocab_size, config.input.seq_len)
-  _, params = evaluate.restore_params(config, model, mesh, str(trained["workdir"]))
-  # Reference: ONE unpadded batch of exactly the evaluated images, the training loss.
-  data = dict(config.evals.perplexity.data)
-  ds = input_pipeline.make_eval_dataset(config, tok, split=f"validation[:{EVAL_IMAGES}]",
-                                        data=data, batch_size=EVAL_IMAGES)
-  (batch,) = list(ds.as_numpy_iterator())
-  assert batch["mask_valid"].all()
-  tokens, mask = decoder_lib.decoder_inputs(jnp.asarray(batch["text"]),
-                                            jnp.zeros(batch["text"].shape[:2], bool))
-  logits = model.apply({"params": params}, jnp.asarray(batch["image"]), tokens, mask)
-  loss, ref = train_step.compute_loss(logits, jnp.asarray(batch["text"]),
-                                      jnp.asarray(batch["mask_loss"]), config.input.tasks)
-  got = trained["runs"]["cli"]
-  assert got["returncode"] == 0, got["stderr"][-4000:]
-  got = json.loads(got["stdout"].strip().splitlines()[-1])
-  for t, task in enumerate(config.input.tasks):
-    assert got[f"perplexity/nll_{task}"] == pytest.approx(float(ref[f"train/loss_{task}"]),
+def test_perplexity_over_padded_batches_equals_the_training_loss_on_one_unpadded_batch(trained):
+  cli, dev8 = trained["runs"]["cli"], trained["runs"]["devices8"]
+  assert cli["returncode"] == 0, cli["stderr"][-4000:]
+  assert dev8["returncode"] == 0, dev8["stderr"][-4000:]
+  got = json.loads(cli["stdout"].strip().splitlines()[-1])
+  ref = json.loads(dev8["stdout"].strip().splitlines()[-1])["reference"]
+  for task in trained["config"].input.tasks:
+    assert got[f"perplexity/nll_{task}"] == pytest.approx(ref[f"train/loss_{task}"], rel=1e-5)
+    assert got[f"perplexity/ppl_{task}"] == pytest.approx(math.exp(ref[f"train/loss_{task}"]),
                                                           rel=1e-5)
-    assert got[f"perplexity/tokens_{task}"] == float(batch["mask_loss"][:, t].sum())
-  assert got["perplexity/nll"] == pytest.approx(float(loss), rel=1e-5)
-  assert got["perplexity/ppl"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert got[f"perplexity/tokens_{task}"] == ref[f"tokens_{task}"]
+  assert got["perplexity/nll"] == pytest.approx(ref["train/loss"], rel=1e-5)
+  assert got["perplexity/ppl"] == pytest.approx(math.exp(ref["train/loss"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_runs_the_evaluators_at_the_last_step_into_metrics_jsonl(trained):
+  records = _read_jsonl(trained["workdir"] / "metrics.jsonl")
+  last = trained["config"].total_steps
+  evals = [r for r in records if r["step"] == last and "rec/acc@0.5" in r]
+  assert len(evals) == 1
+  expected = {f"{n}/{k}" for n in trained["names"] for k in METRIC_KEYS[n]}
+  assert expected <= set(evals[0])
+  # The same checkpointed params: the standalone CLI reports the same perplexity.
+  cli = json.loads(trained["runs"]["cli"]["stdout"].strip().splitlines()[-1])
+  assert evals[0]["perplexity/nll"] == pytest.approx(cli["perplexity/nll"], rel=1e-5)

@@ -7,8 +7,9 @@ punctuation dropped) and scored with pycocoevalcap's Cider, Bleu(4) and Rouge.
 
 Metrics: `cider`, `bleu4`, `rouge_l`, `num_examples`.
 
-Config (config.evals.NAME): type="caption", data=dict(name, split[, data_dir]), batch_size,
-max_examples (first N images), max_len (decoded tokens, default seq_len - 8), log_steps.
+Config (config.evals.NAME): type="caption", data (one data spec of `locca_jax.data.sources`),
+batch_size, max_examples (first N records), max_len (decoded tokens, default seq_len - 8),
+log_steps.
 """
 import numpy as np
 
@@ -25,7 +26,8 @@ def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], lis
   width, max_len = common.decode_budget(ctx.config, name, cfg,
                                         int(ctx.config.input.seq_len) - PROMPT_WIDTH)
   head = tok.encode(common.prefix(ctx.config, "cap"))
-  ds = common.examples(ctx.config, data, per_object=False).map(
+  ds = common.examples(ctx.config, data, per_object=False,
+                       limit=common.max_examples(name, cfg)).map(
       lambda ex: {k: ex[k] for k in ("image", "index", "image_id", "captions")})
   local = common.local_batch_size(ctx.config, name, cfg, ctx.mesh)
   records = []

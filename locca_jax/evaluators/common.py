@@ -2,15 +2,18 @@
 
 b: per-process batch, S: image size, Lp: prompt width, Ld: decoded length, M: objects.
 
-Eval inputs. Each process reads its own contiguous part of the split
-(`tfds.split_for_jax_process`), preprocessed exactly as in training
-(`preprocess.preprocess_example`: resize, value range, boxes in the model-input frame, empty
-boxes dropped). An element is one image (`examples(..., per_object=False)`) or one object of an
-image (`per_object=True`: the image repeated for each of its objects). Batches are padded with
+Eval inputs. Any one data spec of `locca_jax.data.sources` (TFDS: locca_shapes, coco,
+coco_captions, ref_coco, ...; jsonl, coco_json, vg files), read as in
+`input_pipeline.make_eval_dataset`: each process reads its own part (TFDS:
+`tfds.split_for_jax_process`; files: record r on process r % n), records are cleaned without
+skipping any (bad regions / captions dropped) and preprocessed exactly as in training
+(`preprocess.preprocess_example`: resize, value range, boxes in the model-input frame). An
+element is one image (`examples(..., per_object=False)`) or one region of an image
+(`per_object=True`: the image repeated for each of its regions). Batches are padded with
 all-zero rows carrying `mask_valid` 0, and a process keeps yielding padding until every process
 has run out (`batches`), so all processes run the same number of (collective) steps and every
 example appears exactly once, with `mask_valid` 1, on exactly one process. `index` is the
-example's image position in the whole split, the same whatever the number of processes.
+record's position in the split (or file), the same whatever the number of processes.
 
 Decoding runs on global batches (`sharding.global_batch`) over the training mesh; each process
 gets back the rows of its own examples, drops the padding, and the per-example records of all
@@ -27,12 +30,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from locca_jax import sharding
-from locca_jax.data import input_pipeline
 from locca_jax.data import preprocess
+from locca_jax.data import sources as sources_lib
 from locca_jax.data import tasks as tasks_lib
+from locca_jax.data.sources import common as source_common
+from locca_jax.data.sources import tfds_sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +55,32 @@ def _get(cfg, key, default=None):
 
 # ------------------------------------------------------------------------------ config
 def eval_data(config: ml_collections.ConfigDict, name: str, eval_cfg) -> dict:
-  """`config.evals.NAME.data` (+ max_examples) -> dict(name, split, data_dir).
+  """`config.evals.NAME.data` -> one validated data spec (see `locca_jax.data.sources`).
 
-  `data_dir` defaults to `config.input.data.data_dir`; `max_examples=N` keeps the first N
-  records (images) of the split.
+  A TFDS spec without `data_dir` takes config.input.data's (when that is a single TFDS spec).
   """
-  data = dict(_get(eval_cfg, "data", None) or {})
-  for key in ("name", "split"):
-    if not data.get(key):
-      raise ValueError(f"config.evals.{name}.data: missing {key!r} (expected e.g. "
-                       "dict(name='locca_shapes/base', split='validation'))")
-  if data.get("data_dir") is None:
-    data["data_dir"] = _get(config.input.data, "data_dir", None)
-  max_examples = _get(eval_cfg, "max_examples", None)
-  if max_examples is not None:
-    if int(max_examples) < 1:
-      raise ValueError(f"config.evals.{name}.max_examples={max_examples}: expected >= 1 or None")
-    if "[" in data["split"] or "+" in data["split"]:
-      raise ValueError(f"config.evals.{name}: max_examples={max_examples} needs a plain split "
-                       f"name, got split={data['split']!r} (slice the split or drop "
-                       "max_examples)")
-    data["split"] = f"{data['split']}[:{int(max_examples)}]"
-  return data
+  data = _get(eval_cfg, "data", None)
+  if not data:
+    raise ValueError(f"config.evals.{name}.data: missing (expected one data spec, e.g. "
+                     "dict(name='locca_shapes/base', split='validation'))")
+  if isinstance(data, (list, tuple)):
+    raise ValueError(f"config.evals.{name}.data: expected one data spec, got a list")
+  data = sources_lib.as_dict(data)
+  train_data = config.input.data
+  if (data.get("source", "tfds") == "tfds" and data.get("data_dir") is None
+      and hasattr(train_data, "get") and train_data.get("source", "tfds") == "tfds"):
+    data["data_dir"] = train_data.get("data_dir")
+  try:
+    return sources_lib.specs_from_config(data)[0]
+  except ValueError as e:
+    raise ValueError(f"config.evals.{name}.data: {e}") from None
+
+
+def max_examples(name: str, eval_cfg) -> int | None:
+  n = _get(eval_cfg, "max_examples", None)
+  if n is not None and (isinstance(n, bool) or int(n) < 1):
+    raise ValueError(f"config.evals.{name}.max_examples={n!r}: expected >= 1 or None")
+  return None if n is None else int(n)
 
 
 def local_batch_size(config: ml_collections.ConfigDict, name: str, eval_cfg,
@@ -110,39 +118,52 @@ def prefix(config: ml_collections.ConfigDict, task: str) -> str:
 
 
 # ------------------------------------------------------------------------------ inputs
-def _split_offset(builder, split: str) -> tuple[Any, int]:
-  """This process's part of `split` and the split position of its first example."""
-  n, i = jax.process_count(), jax.process_index()
-  counts = [builder.info.splits[tfds.split_for_jax_process(split, process_index=k,
-                                                           process_count=n)].num_examples
-            for k in range(i)]
-  return tfds.split_for_jax_process(split, process_index=i, process_count=n), sum(counts)
-
-
-def examples(config: ml_collections.ConfigDict, data: dict, *,
-             per_object: bool) -> tf.data.Dataset:
+def examples(config: ml_collections.ConfigDict, spec: dict, *, per_object: bool,
+             limit: int | None = None) -> tf.data.Dataset:
   """This process's preprocessed eval examples, in split order (unbatched, finite).
 
-  Per image: image float32 [S, S, 3], index int64, image_id int64 (the `image/id` feature, or
-  -1), captions string [C], boxes float32 [M, 4], refexps string [M].
-  Per object: image, index, image_id, object int32 (position among the image's kept boxes),
-  box float32 [4] (normalized yxyx of the model input), refexp string.
+  `spec`: one data spec (`eval_data`); `limit`: keep the records with index < limit. Records
+  go through the training path (source -> common layout -> `clean` without skipping records ->
+  `preprocess_example`); the source's random draws (e.g. which of a RefCOCO object's
+  expressions) are seeded by (config.seed, index), so they do not depend on the number of
+  processes.
+  Per image: image float32 [S, S, 3], index int64 (record position in the split, or in the
+  file), image_id int64 (-1 if unknown), captions string [C], boxes float32 [M, 4], refexps
+  string [M].
+  Per object: image, index, image_id, object int32 (position among the image's usable
+  regions), box float32 [4] (normalized yxyx of the model input), refexp string.
   """
-  builder = input_pipeline.get_builder(data)
-  split = data["split"]
-  if split not in builder.info.splits and "[" not in split and "+" not in split:
-    raise ValueError(f"eval split {split!r} not in {builder.name} "
-                     f"(available: {sorted(builder.info.splits.keys())})")
-  own_split, offset = _split_offset(builder, split)
-  has_id = "image/id" in builder.info.features
+  n, i = jax.process_count(), jax.process_index()
+  spec = dict(spec)
+  opts = source_common.CleanOptions.from_config(config.input, drop_records=False)
+  if spec["source"] == "tfds":
+    if limit is not None:
+      if "[" in spec["split"] or "+" in spec["split"]:
+        raise ValueError(f"max_examples={limit} needs a plain split name, got "
+                         f"split={spec['split']!r} (slice the split or drop max_examples)")
+      spec["split"] = f"{spec['split']}[:{limit}]"
+    src = sources_lib.make_source(spec, process_index=i, process_count=n, strict=opts.strict)
+    offset = sum(tfds_sources.process_split(src.builder, spec["split"], k, n)[1]
+                 for k in range(i))
+    raw = src.dataset()
+    to_index = lambda k: k + offset
+  else:  # Files: record r goes to process r % n (as in make_eval_dataset).
+    src = sources_lib.make_source(spec, process_index=0, process_count=1, strict=opts.strict)
+    raw = src.dataset().shard(n, i)
+    to_index = lambda k: k * n + i
   ci = config.input
   image_size, resize = int(ci.image_size), _get(ci, "resize", "squash")
+  base_seed = tf.constant([int(config.seed), 0], tf.int64)
 
   @tf.autograph.experimental.do_not_convert
-  def one_image(index, ex):
+  def one_image(k, raw_example):
+    index = to_index(k)
+    ex = src.to_common(raw_example, tf.random.experimental.stateless_fold_in(base_seed, index),
+                       index)
+    crowd = ex["objects"].pop("crowd", None)
+    ex, _, _ = source_common.clean(ex, opts, exclude=False, crowd=crowd)
     p = preprocess.preprocess_example(ex, image_size, resize)
-    image_id = tf.cast(ex["image/id"], tf.int64) if has_id else tf.constant(-1, tf.int64)
-    return dict(image=p["image"], index=index + offset, image_id=image_id,
+    return dict(image=p["image"], index=index, image_id=tf.cast(ex["image/id"], tf.int64),
                 captions=p["captions"], boxes=p["boxes"], refexps=p["refexps"])
 
   @tf.autograph.experimental.do_not_convert
@@ -154,10 +175,10 @@ def examples(config: ml_collections.ConfigDict, data: dict, *,
                                    image_id=ex["image_id"], object=o["object"],
                                    box=o["box"], refexp=o["refexp"]))
 
-  ds = builder.as_dataset(split=own_split, shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False))
-  ds = ds.enumerate().map(one_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = raw.enumerate()
+  if limit is not None and spec["source"] != "tfds":
+    ds = ds.filter(lambda k, _: to_index(k) < limit)
+  ds = ds.map(one_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if per_object:
     ds = ds.flat_map(objects)
   return ds

@@ -7,8 +7,9 @@ CIDEr / BLEU-4 / ROUGE-L (`scoring.caption_scores`; one reference per example).
 
 Metrics: `cider`, `bleu4`, `rouge_l`, `num_examples`.
 
-Config (config.evals.NAME): type="gcap", data=dict(name, split[, data_dir]), batch_size,
-max_examples (first N images), max_len (decoded tokens, default seq_len // 2), log_steps.
+Config (config.evals.NAME): type="gcap", data (one data spec of `locca_jax.data.sources`),
+batch_size, max_examples (first N records), max_len (decoded tokens, default seq_len // 2),
+log_steps.
 """
 import numpy as np
 
@@ -23,13 +24,12 @@ def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], lis
   data = common.eval_data(ctx.config, name, cfg)
   width, max_len = common.decode_budget(ctx.config, name, cfg,
                                         int(ctx.config.input.seq_len) // 2)
-  head, sep = tok.encode(common.prefix(ctx.config, "gcap")), tok.encode(common.SEPARATOR)
 
   def prompts(batch):
-    return [head + tok.encode_box(box) + sep if v else head
-            for box, v in zip(batch["box"], batch["mask_valid"])]
+    return [prompt_ids(tok, ctx.config, box) for box in batch["box"]]
 
-  ds = common.examples(ctx.config, data, per_object=True)
+  ds = common.examples(ctx.config, data, per_object=True,
+                       limit=common.max_examples(name, cfg))
   local = common.local_batch_size(ctx.config, name, cfg, ctx.mesh)
   records = []
   for batch, out in common.decode_batches(ctx, common.batches(ds, local), prompts,
@@ -44,3 +44,9 @@ def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], lis
           prediction=tok.decode(out[i]), references=[ref]))
   records = sorted(common.gather_records(records), key=lambda r: (r["index"], r["object"]))
   return caption.score(records)
+
+
+def prompt_ids(tokenizer, config, box) -> list[int]:
+  """`gcap: <box> :` ids (box: normalized yxyx [4]) as the training row starts."""
+  return (tokenizer.encode(common.prefix(config, "gcap")) + tokenizer.encode_box(box)
+          + tokenizer.encode(common.SEPARATOR))

@@ -12,9 +12,11 @@ and `nll` / `ppl` over the tokens of all tasks together: the masked mean of
 
 Metrics: `nll`, `ppl`, `nll_<task>`, `ppl_<task>`, `tokens_<task>`, `num_examples`.
 
-Config (config.evals.NAME): type="perplexity", data=dict(name, split[, data_dir]),
-batch_size, max_examples (first N images), log_steps.
+Config (config.evals.NAME): type="perplexity", data (one data spec of
+`locca_jax.data.sources`), batch_size, max_examples (first N records of a TFDS split),
+log_steps.
 """
+import functools
 import math
 
 import flax.linen as nn
@@ -32,40 +34,61 @@ from locca_jax.models import decoder as decoder_lib
 FIELDS = ("image", "text", "mask_loss", "mask_valid")
 
 
-def make_sums_fn(model, mesh):
-  """Jitted (params, batch) -> (NLL sum [T], token count [T], valid examples []), replicated."""
+class _Static:
+  """A model and mesh as one static jit argument: repeated evaluations (the trainer calls
+  `evaluate` every log_steps) reuse the compiled function instead of tracing anew."""
 
-  def sums(params, batch):
-    text = batch["text"]
-    tokens, self_mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
-    logits = model.apply({"params": params}, batch["image"], tokens, self_mask)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
-    weight = batch["mask_loss"] * batch["mask_valid"][:, None, None]
-    return ((nll * weight).sum(axis=(0, 2)), weight.sum(axis=(0, 2)),
-            batch["mask_valid"].sum())
+  def __init__(self, model, mesh):
+    self.model, self.mesh = model, mesh
+    self._key = (repr(model), mesh)
 
-  jitted = jax.jit(sums, out_shardings=NamedSharding(mesh, P()))
+  def __hash__(self):
+    return hash(self._key)
 
-  def run(params, batch):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      return jitted(params, batch)
-  return run
+  def __eq__(self, other):
+    # pylint: disable-next=protected-access
+    return isinstance(other, _Static) and other._key == self._key
+
+
+@functools.partial(jax.jit, static_argnames="static")
+def _sums_jit(params, batch, static):
+  text = batch["text"]
+  tokens, self_mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
+  logits = static.model.apply({"params": params}, batch["image"], tokens, self_mask)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
+  weight = batch["mask_loss"] * batch["mask_valid"][:, None, None]
+  nll = jnp.where(weight > 0, nll * weight, 0.0)  # padding never scores, even if not finite
+  out = (nll.sum(axis=(0, 2)), weight.sum(axis=(0, 2)), batch["mask_valid"].sum())
+  return jax.lax.with_sharding_constraint(out, NamedSharding(static.mesh, P()))
+
+
+def nll_sums(model, mesh, params, batch):
+  """(NLL sum [T], trained-token count [T], valid examples []) of a global batch, replicated.
+
+  Only tokens with mask_loss 1 in rows with mask_valid 1 count.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return _sums_jit(params, batch, _Static(model, mesh))
 
 
 def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], list[dict]]:
   """Returns ({"nll", "ppl", "nll_<task>", ...}, []) (no per-example records)."""
   tasks = tuple(ctx.config.input.tasks)
   data = common.eval_data(ctx.config, name, cfg)
+  limit = common.max_examples(name, cfg)
+  if limit is not None:
+    if data["source"] != "tfds" or "[" in data["split"] or "+" in data["split"]:
+      raise ValueError(f"config.evals.{name}.max_examples={limit}: supported for a plain TFDS "
+                       f"split only, got {data} (drop max_examples)")
+    data["split"] = f"{data['split']}[:{limit}]"
   local = common.local_batch_size(ctx.config, name, cfg, ctx.mesh)
-  ds = input_pipeline.make_eval_dataset(
-      ctx.config, ctx.tokenizer, split=data["split"], data=data,
-      batch_size=local * jax.process_count())
-  sums_fn = make_sums_fn(ctx.model, ctx.mesh)
+  ds = input_pipeline.make_eval_dataset(ctx.config, ctx.tokenizer, data=data,
+                                        batch_size=local * jax.process_count())
   nll_sum, count = np.zeros(len(tasks), np.float64), np.zeros(len(tasks), np.float64)
   num_examples = 0.0
   for batch in ds.as_numpy_iterator():
     glob = sharding.global_batch({k: batch[k] for k in FIELDS}, ctx.mesh)
-    s, c, n = jax.device_get(sums_fn(ctx.params, glob))
+    s, c, n = jax.device_get(nll_sums(ctx.model, ctx.mesh, ctx.params, glob))
     nll_sum += s
     count += c
     num_examples += float(n)
