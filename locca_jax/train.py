@@ -78,6 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if step % config.log_every == 0 or step == end:
       metrics = jax.device_get(metrics)  # the only host sync: on logging steps
       metrics["lr"] = config.lr * float(spec.schedule_fn(step - 1))
+      metrics.update(train_iter.data_metrics(all_processes=True))  # skipped records by reason
       if not math.isfinite(metrics["train/loss"]):
         raise FloatingPointError(f"step {step}: train/loss is {metrics['train/loss']}")
       writer.write(step, metrics)
