@@ -6,9 +6,12 @@ tf.data iterator position (see `locca_jax.data.iterator_checkpoint`, which regis
 args with orbax; this module needs no TensorFlow itself).
 """
 import os
+import re
 from typing import Any
 
 from absl import logging
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -53,3 +56,59 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def load_params(directory: str, step: int | None = None) -> tuple[int, Any]:
+  """Params of another run's checkpoint (latest, or `step`) as host numpy arrays.
+
+  Independent of the mesh and model that wrote it, so a different model (e.g. a fresh decoder
+  on a pretrained encoder) can take what it needs.
+  """
+  directory = os.path.abspath(directory)
+  if step is None:
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(
+        directory) else []
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no checkpoint steps (expected <step>/state "
+                              "written by locca_jax.train)")
+    step = max(steps)
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        tree["params"])
+  state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": tree["params"]}, restore_args={"params": restore_args},
+      partial_restore=True))
+  return step, state["params"]
+
+
+def _path(key_path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in key_path)
+
+
+def replace_params(params: Any, pretrained: Any, pattern: str, source: str) -> Any:
+  """`params` with every leaf whose "/"-joined path fully matches `pattern` taken from
+  `pretrained` (same path, same shape), placed with that leaf's sharding."""
+  pretrained = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  replaced = []
+
+  def one(key_path, leaf):
+    path = _path(key_path)
+    if not re.fullmatch(pattern, path):
+      return leaf
+    if path not in pretrained:
+      raise ValueError(f"{source}: has no parameter {path} (config.init_from.params="
+                       f"{pattern!r} selects it)")
+    value = pretrained[path]
+    if value.shape != leaf.shape:
+      raise ValueError(f"{source}: {path} has shape {value.shape}, the model expects "
+                       f"{leaf.shape}")
+    replaced.append(path)
+    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+  params = jax.tree_util.tree_map_with_path(one, params)
+  if not replaced:
+    raise ValueError(f"config.init_from.params={pattern!r} matches no parameter")
+  logging.info("Initialized %d parameters from %s", len(replaced), source)
+  return params

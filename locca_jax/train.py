@@ -56,6 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start = ckpt.latest_step()
   if start is None:
     start, state = 0, spec.init()
+    if config.get("init_from"):
+      state["params"] = _init_from_pretrained(state["params"], config.init_from)
   else:
     state = ckpt.restore(start, spec.abstract, iterator_checkpoint.IteratorRestore(train_iter))
   num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state["params"]))
@@ -91,6 +93,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.close()
   writer.close()
   return state
+
+
+def _init_from_pretrained(params, init_from: ml_collections.ConfigDict):
+  """Loads `init_from.params` (a regex, e.g. "img/.*": the encoder) from another workdir."""
+  source = os.path.join(init_from.workdir, "checkpoints")
+  step, pretrained = checkpoint.load_params(source, init_from.get("step"))
+  return checkpoint.replace_params(params, pretrained, init_from.params,
+                                   f"{source}/{step}")
 
 
 def _quiet_library_info(record) -> bool:

@@ -45,3 +45,33 @@ def test_crashed_and_resumed_run_equals_uninterrupted_run(shapes_data_dir, tmp_p
   assert int(resumed["step"]) == 7
   # The loss actually moves: the comparison is not between two constant runs.
   assert full_losses[7] < full_losses[1]
+
+
+@pytest.mark.slow
+def test_transfer_trains_a_fresh_decoder_on_the_frozen_pretrained_encoder(shapes_data_dir,
+                                                                          tmp_path):
+  from configs.transfer import refcoco  # pylint: disable=g-import-not-at-top
+  pretrain = tiny_config(shapes_data_dir)
+  pretrain.total_steps = 3
+  pretrained = train.train_and_evaluate(pretrain, str(tmp_path / "pretrain"))
+
+  # The shipped transfer recipe, shrunk to the tiny model and data.
+  config = refcoco.get_config("runlocal")
+  tiny = tiny_config(shapes_data_dir)
+  config.input.data, config.input.image_size = tiny.input.data, tiny.input.image_size
+  config.input.batch_size, config.input.shuffle_buffer = 8, 64
+  config.model.encoder, config.model.decoder = tiny.model.encoder, tiny.model.decoder
+  config.total_steps, config.schedule.warmup_steps, config.evals = 3, 1, {}
+  config.init_from.workdir = str(tmp_path / "pretrain")
+  transferred = train.train_and_evaluate(config, str(tmp_path / "transfer"))
+
+  for a, b in zip(jax.tree_util.tree_leaves(pretrained["params"]["img"]),
+                  jax.tree_util.tree_leaves(transferred["params"]["img"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # loaded, then frozen
+  # The decoder is not the pretrained one (fresh init, then trained on ARef).
+  assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(pretrained["params"]["txt"]),
+      jax.tree_util.tree_leaves(transferred["params"]["txt"])))
+  with open(tmp_path / "transfer" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert {"train/loss", "train/loss_aref"} <= set(records[-1])
