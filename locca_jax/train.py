@@ -53,6 +53,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  every=config.ckpt_every, keep=config.keep_ckpts)
 
+  if jax.process_index() == 0:  # what predict.py / the notebook rebuild the model from
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json())
   start = ckpt.latest_step()
   if start is None:
     start, state = 0, spec.init()
