@@ -3,7 +3,12 @@
 #   bash launch/local.sh                       # tiny LocCa on locca_shapes (CPU, minutes)
 #   bash launch/local.sh configs/locca_b16.py workdirs/locca_b16 --config.input.batch_size=256
 # Extra arguments after CONFIG and WORKDIR are passed to locca_jax.train (config overrides).
+# Several processes on this machine (multi-host, simulated): see README "Multi-host".
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set /p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 config="${1:-configs/locca_b16.py:runlocal}"
 workdir="${2:-workdirs/locca_runlocal}"

@@ -19,7 +19,7 @@ class Checkpointer:
   """Saves every `every` steps (and when forced), keeps the newest `keep`, restores the latest."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs://
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

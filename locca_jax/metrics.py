@@ -10,6 +10,7 @@ import time
 from typing import Mapping
 
 from absl import logging
+from etils import epath
 
 
 def _format_duration(seconds: float) -> str:
@@ -31,8 +32,9 @@ class MetricsWriter:
     self._jsonl = None
     self._summary = None
     if is_main:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # pylint: disable=consider-using-with
+      # epath: local paths and gs:// buckets alike (TPU pods write to a bucket).
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = (epath.Path(workdir) / "metrics.jsonl").open("a")  # pylint: disable=consider-using-with
       if tensorboard:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top
         self._summary = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
