@@ -10,10 +10,10 @@ module makes those processes one JAX job. Which processes form the job, in order
    LOCCA_NUM_PROCESSES=2 LOCCA_PROCESS_ID=0|1`.
 2. A cluster that JAX recognizes itself, through `jax.distributed.initialize()` without
    arguments: a SLURM job step (`srun`) with more than one task (JAX reads `SLURM_*`: one
-   process per task, task i on the node gets local GPU i, or the one GPU SLURM bound to it), or a Cloud TPU VM (JAX asks the TPU
-   metadata server for the workers of the pod slice). `LOCCA_DISTRIBUTED=auto` forces this
-   path for any cluster JAX knows (TPU, SLURM, Open MPI, ...), `LOCCA_DISTRIBUTED=off` disables
-   initialization altogether.
+   process per task; task i of a node uses its GPU i, or the one GPU SLURM bound to it), or
+   a Cloud TPU VM (JAX asks the TPU metadata server for the workers of the pod slice).
+   `LOCCA_DISTRIBUTED=auto` forces this path for any cluster JAX knows (TPU, SLURM, Open MPI,
+   ...); `LOCCA_DISTRIBUTED=off` disables initialization altogether.
 3. Otherwise a single process: nothing to initialize.
 
 On CPU, cross-process collectives go through gloo (`jax_cpu_collectives_implementation`).
@@ -67,7 +67,7 @@ def _on_cloud_tpu_vm(environ: Mapping[str, str]) -> bool:
 def plan(coordinator_address: str | None = None, num_processes: int | None = None,
          process_id: int | None = None, *,
          environ: Mapping[str, str] | None = None) -> Plan:
-  """Decides how to initialize (pure: reads only its arguments, `environ` and /dev)."""
+  """Decides how to initialize; no side effects (reads the arguments, `environ`, /dev)."""
   environ = os.environ if environ is None else environ
   address = coordinator_address or environ.get(ENV_COORDINATOR_ADDRESS) or None
   count = num_processes if num_processes is not None else _int_or_none(
