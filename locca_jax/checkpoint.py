@@ -50,6 +50,10 @@ class Checkpointer:
     logging.info("Restored checkpoint %d from %s", step, self.directory)
     return restored["state"]
 
+  def reached_preemption(self, step: int) -> bool:
+    """True once JAX has seen a preemption notice (SIGTERM) and all hosts agreed on `step`."""
+    return self._manager.reached_preemption(step)
+
   def wait(self):
     """Blocks until pending async saves are on disk."""
     self._manager.wait_until_finished()

@@ -88,7 +88,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if not math.isfinite(metrics["train/loss"]):
         raise FloatingPointError(f"step {step}: train/loss is {metrics['train/loss']}")
       writer.write(step, metrics)
-    ckpt.save(step, state, iterator_checkpoint.IteratorSave(train_iter), force=step == end)
+    preempted = ckpt.reached_preemption(step)
+    ckpt.save(step, state, iterator_checkpoint.IteratorSave(train_iter),
+              force=step == end or preempted)
+    if preempted:
+      logging.warning("Preempted at step %d: checkpoint saved, stopping", step)
+      break
     eval_names = evaluate.evals_due(config, step, config.total_steps)
     if eval_names:
       writer.write_eval(step, evaluate.run_evals(config, state["params"], model, tokenizer,
