@@ -12,6 +12,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -54,9 +55,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  every=config.ckpt_every, keep=config.keep_ckpts)
 
   if jax.process_index() == 0:  # what predict.py / the notebook rebuild the model from
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json())
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+    (epath.Path(workdir) / "config.json").write_text(config.to_json())
   start = ckpt.latest_step()
   if start is None:
     start, state = 0, spec.init()
