@@ -26,8 +26,8 @@ Each process reads its own disjoint part of every source (TFDS: `tfds.split_for_
 files: record i goes to process i % process_count). The stream of one source is:
 read (fixed order) -> repeat -> enumerate -> map(to_common, clean) -> scan(count skipped) ->
 filter(usable) -> shuffle (seeded); the sources are mixed with
-`tf.data.Dataset.sample_from_datasets` (seeded, config weights), then map(decode, preprocess,
-task rows) -> batch -> prefetch. All random draws in the maps are stateless, seeded by
+`tf.data.Dataset.sample_from_datasets` (seeded, config weights), then map(decode, crop
+(config.input.crop; training only), resize, task rows) -> batch -> prefetch. All random draws in the maps are stateless, seeded by
 (config.seed, process_index, source, position in the source's stream), so the batches are a pure
 function of the config and the process, and an iterator restored from a checkpoint continues the
 identical sequence. The iterator uses `experimental_symbolic_checkpoint`: prefetch / map buffers
@@ -41,7 +41,8 @@ element-wise maximum; `InputIterator.data_metrics()` returns those totals plus t
 host-side parse ("parse": malformed JSON, missing files, ... counted once at start-up).
 
 Config fields read (config.input.*): data (see sources), batch_size, image_size, resize
-("squash" | "letterbox"), seq_len, tasks, prefixes (optional), loss (optional), shuffle_buffer,
+("squash" | "letterbox"), crop (None | dict(kind="inception", ...): training only, see
+`preprocess.crop_options`), seq_len, tasks, prefixes (optional), loss (optional), shuffle_buffer,
 tokenizer.{sp_model, box_codec, bins, box_order}, min_box_score (0.3), max_text_len (512),
 box_tolerance (0.01), strict (False), exclude_image_ids (None), count_excluded (False);
 and config.seed.
@@ -115,13 +116,17 @@ def _base_seed(config, process_index, source_index=0):
   return base
 
 
-def _process_example(config, tokenizer, extra_fields=()):
-  """(seed, common example) -> dict of model inputs (+ extra_fields)."""
+def _process_example(config, tokenizer, extra_fields=(), train=False):
+  """(seed, common example) -> dict of model inputs (+ extra_fields).
+
+  `train` applies config.input.crop (the random crop is for training only)."""
   ci = config.input
+  crop = preprocess.crop_options(_get(ci, "crop", None)) if train else None
 
   @tf.autograph.experimental.do_not_convert  # Plain graph code; skips autograph's rewrite.
   def fn(seed, example):
-    ex = preprocess.preprocess_example(example, int(ci.image_size), _get(ci, "resize", "squash"))
+    ex = preprocess.preprocess_example(example, int(ci.image_size), _get(ci, "resize", "squash"),
+                                       crop=crop, seed=seed)
     rows = tasks_lib.make_task_sequences(ex, tokenizer, ci, seed)
     out = dict(image=ex["image"], text=rows["text"], mask_loss=rows["mask_loss"])
     for k in extra_fields:
@@ -131,10 +136,10 @@ def _process_example(config, tokenizer, extra_fields=()):
   return fn
 
 
-def _process_fn(config, tokenizer, process_index, extra_fields=()):
+def _process_fn(config, tokenizer, process_index, extra_fields=(), train=False):
   """(stream position, example) -> dict of model inputs (+ extra_fields), seeded by position."""
   base_seed = _base_seed(config, process_index)
-  process = _process_example(config, tokenizer, extra_fields)
+  process = _process_example(config, tokenizer, extra_fields, train=train)
 
   @tf.autograph.experimental.do_not_convert
   def fn(index, example):
@@ -151,7 +156,7 @@ def _per_process_batch_size(batch_size, process_count, what="config.input.batch_
 
 
 _TASK_FIELDS = ("truncated",)
-_COMMON_FIELDS = ("image/id", "record")
+_COMMON_FIELDS = ("image/id", "record", "seed")
 
 
 def _passthrough(extra_fields):
@@ -284,7 +289,8 @@ def make_train_dataset(config, tokenizer, *, process_index=None, process_count=N
 
   Elements: dict(image float32 [b, S, S, 3], text int32 [b, T, L], mask_loss float32 [b, T, L])
   with b = config.input.batch_size // process_count; `extra_fields` adds fields of the task
-  output ("truncated": int32 [b, T]), of the common example ("image/id", "record") or
+  output ("truncated": int32 [b, T]), of the common example ("image/id", "record", "seed":
+  the example's stateless seed int64 [b, 2], from which its crop and task draws follow) or
   top-level TFDS features of a single TFDS source; `with_counters` adds COUNTS_FIELD.
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -303,7 +309,7 @@ def make_train_dataset(config, tokenizer, *, process_index=None, process_count=N
     ds = tf.data.Dataset.sample_from_datasets(
         streams, weights=_weights(specs), seed=int(config.seed) * 1009 + process_index + 1,
         stop_on_empty_dataset=False)
-  process = _process_example(config, tokenizer, extra_fields)
+  process = _process_example(config, tokenizer, extra_fields, train=True)
 
   @tf.autograph.experimental.do_not_convert
   def fn(ex):
