@@ -84,4 +84,14 @@ def get_config(arg=None):
                       log_steps=every, max_len=24)
   c.evals.perplexity = dict(type="perplexity", data=val, batch_size=eval_batch,
                             max_examples=eval_images, log_steps=every // 3)
+  # Zero-shot counting (locca_shapes has no per-image label): class = number of shapes (2-5),
+  # scored as the caption "cap: <n> shapes <eos>" (see locca_jax/evaluators/zeroshot.py).
+  c.evals.zeroshot = dict(type="zeroshot", data=val, batch_size=eval_batch,
+                          max_examples=100 if runlocal else None, log_steps=every,
+                          label_key="num_objects", template="{} shapes",
+                          class_names=("zero", "one", "two", "three", "four", "five"))
+  # Dense captioning: sampled `aref:` (region text, box) pairs, COCO mAP, exact text match.
+  c.evals.dense = dict(type="dense", data=val, batch_size=eval_batch,
+                       max_examples=100 if runlocal else None, log_steps=every, max_len=32,
+                       num_samples=5 if runlocal else 8)
   return c

@@ -14,13 +14,14 @@ Evaluators are declared in the config, one entry per name:
   c.evals.rec = dict(type="rec", data=dict(name="locca_shapes/base", split="validation"),
                      batch_size=64, max_examples=None, log_steps=500)
 
-Fields: `type` (rec | caption | gcap | perplexity, see `locca_jax.evaluators`), `data` (one
-data spec of `locca_jax.data.sources`: a TFDS name + split, whose data_dir defaults to
-config.input.data's, or a jsonl / coco_json / vg file), `batch_size` (global;
-default config.input.batch_size; a multiple of the mesh's data x fsdp devices),
-`max_examples` (None: the whole split; N: its first N records), `log_steps` (the trainer runs
-it every that many steps, see `evals_due`), `max_len` (decoding evaluators: decoded tokens;
-prompt width = config.input.seq_len - max_len). Metric keys are `<name>/<metric>`.
+Fields: `type` (rec | caption | gcap | perplexity | zeroshot | dense, see
+`locca_jax.evaluators`), `data` (one data spec of `locca_jax.data.sources`: a TFDS name +
+split, whose data_dir defaults to config.input.data's, or a jsonl / coco_json / vg file),
+`batch_size` (global; default config.input.batch_size; a multiple of the mesh's data x fsdp
+devices), `max_examples` (None: the whole split; N: its first N records), `log_steps` (the
+trainer runs it every that many steps, see `evals_due`), `max_len` (decoding evaluators:
+decoded tokens; prompt width = config.input.seq_len - max_len); type-specific fields are in
+each evaluator's module docstring. Metric keys are `<name>/<metric>`.
 """
 import contextlib
 import json
@@ -41,13 +42,16 @@ from locca_jax import train_step
 from locca_jax.data import input_pipeline
 from locca_jax.evaluators import caption
 from locca_jax.evaluators import common
+from locca_jax.evaluators import dense
 from locca_jax.evaluators import gcap
 from locca_jax.evaluators import perplexity
 from locca_jax.evaluators import rec
+from locca_jax.evaluators import zeroshot
 from locca_jax.models import locca
 
 EVALUATORS = dict(rec=rec.evaluate, caption=caption.evaluate, gcap=gcap.evaluate,
-                  perplexity=perplexity.evaluate)
+                  perplexity=perplexity.evaluate, zeroshot=zeroshot.evaluate,
+                  dense=dense.evaluate)
 
 
 def eval_names(config: ml_collections.ConfigDict, names=None) -> list[str]:
@@ -74,10 +78,18 @@ def check_evals(config: ml_collections.ConfigDict, tokenizer, mesh) -> list[str]
     common.eval_data(config, name, cfg)
     common.max_examples(name, cfg)
     common.local_batch_size(config, name, cfg, mesh)
-    if cfg.type != "perplexity":
+    if cfg.type not in ("perplexity", "zeroshot"):
       common.decode_budget(config, name, cfg, 1)
     if cfg.type == "rec":
       rec.box_constraint(config, tokenizer, name, cfg)
+    if cfg.type == "zeroshot":
+      opts = zeroshot.options(name, cfg)
+      if opts["class_names"] is not None:
+        zeroshot.class_rows(tokenizer, config,
+                            [opts["template"].format(n) for n in opts["class_names"]],
+                            f"config.evals.{name}")
+    if cfg.type == "dense":
+      dense.options(config, name, cfg)
   return names
 
 

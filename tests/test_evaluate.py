@@ -25,6 +25,9 @@ METRIC_KEYS = {
     "gcap": {"cider", "bleu4", "rouge_l", "num_examples"},
     "perplexity": {"nll", "ppl", "num_examples"} | {f"{m}_{t}" for m in ("nll", "ppl", "tokens")
                                                     for t in ("cap", "aref", "gcap")},
+    "zeroshot": {"acc", "acc_top5", "num_examples"},
+    "dense": {"map", "ap50", "ap75", "predictions_per_image", "unparsable", "unknown_text",
+              "num_examples", "num_regions"},
 }
 
 
@@ -112,14 +115,22 @@ def test_check_evals_accepts_the_runlocal_config_and_names_the_bad_field():
   config = locca_b16.get_config("runlocal")
   mesh = sharding.make_mesh(config.mesh)
   tok = input_pipeline.make_tokenizer(config.input.tokenizer)
-  assert sorted(evaluate.check_evals(config, tok, mesh)) == ["caption", "gcap", "perplexity",
-                                                             "rec"]
+  assert sorted(evaluate.check_evals(config, tok, mesh)) == ["caption", "dense", "gcap",
+                                                             "perplexity", "rec", "zeroshot"]
   assert evaluate.evals_due(config, config.total_steps, config.total_steps) == sorted(
       config.evals.keys())
   config.evals.rec.max_len = config.input.seq_len
   with pytest.raises(ValueError, match=r"config.evals.rec.max_len"):
     evaluate.check_evals(config, tok, mesh)
   config.evals.rec.max_len = 8
+  config.evals.zeroshot.template = "{} shapes {}"
+  with pytest.raises(ValueError, match=r"config.evals.zeroshot.template"):
+    evaluate.check_evals(config, tok, mesh)
+  config.evals.zeroshot.template = "{} shapes"
+  config.evals.dense.num_samples = 0
+  with pytest.raises(ValueError, match=r"config.evals.dense.num_samples=0"):
+    evaluate.check_evals(config, tok, mesh)
+  config.evals.dense.num_samples = 5
   config.evals.caption.type = "bleu"
   with pytest.raises(ValueError, match=r"config.evals.caption.type='bleu'"):
     evaluate.check_evals(config, tok, mesh)
@@ -176,6 +187,7 @@ _CONFIG_FILE = textwrap.dedent("""
         c.evals[name].max_examples = {images}
       # One decoding length for caption and gcap: they share one compiled decoder.
       c.evals.caption.max_len = c.evals.gcap.max_len = 16
+      c.evals.dense.num_samples = 2
       if arg == "mesh222":
         c.mesh = (("data", 2), ("fsdp", 2), ("tensor", 2))
       return c
@@ -249,10 +261,11 @@ def trained(shapes_data_dir, tmp_path_factory):
   finally:
     sys.path.remove(str(config_dir))
   config = eval_config.get_config()
-  names = ["caption", "gcap", "perplexity", "rec"]
-  # 8 devices: rec (per-region inputs, as gcap) and perplexity (per-image rows); the 1-device
-  # CLI run covers the per-image captioning inputs. Fewer compiles keep the test short.
-  names8 = [n for n in names if n in ("rec", "perplexity")]
+  names = ["caption", "dense", "gcap", "perplexity", "rec", "zeroshot"]
+  # 8 devices: rec (per-region inputs, as gcap), perplexity (per-image rows) and zeroshot
+  # (class rows against sharded visual tokens); the 1-device CLI run covers the per-image
+  # captioning inputs. Fewer compiles keep the test short.
+  names8 = [n for n in names if n in ("rec", "perplexity", "zeroshot")]
   worker = subprocess.Popen(
       [sys.executable, "-c", _DEVICES_WORKER.format(
           repo=REPO, config_dir=str(config_dir), workdir=str(workdir), out=str(out8),
@@ -341,6 +354,14 @@ def test_padded_eval_counts_every_example_once_on_1_and_on_8_devices(trained):
   assert sorted((r["index"], r["object"]) for r in gcap_records) == keys
   captions = _read_jsonl(trained["workdir"] / "eval" / f"caption_step{step}.jsonl")
   assert [r["index"] for r in captions] == list(range(EVAL_IMAGES))
+  # Zeroshot: every image once, the same class likelihoods on 1 and on 8 devices.
+  zs = [_read_jsonl(d / f"zeroshot_step{step}.jsonl")
+        for d in (trained["workdir"] / "eval", trained["out8"] / "eval")]
+  for records in zs:
+    assert [r["index"] for r in records] == list(range(EVAL_IMAGES))
+  assert one["zeroshot/num_examples"] == eight["zeroshot/num_examples"] == EVAL_IMAGES
+  np.testing.assert_allclose([r["label_score"] for r in zs[0]],
+                             [r["label_score"] for r in zs[1]], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -4,7 +4,10 @@
   caption     captioning: CIDEr, BLEU-4, ROUGE-L (caption.py)
   gcap        grounded captioning of a given box: CIDEr, BLEU-4, ROUGE-L (gcap.py)
   perplexity  teacher-forced NLL / perplexity per task (perplexity.py)
+  zeroshot    classification by each class caption's likelihood: top-1 / top-5 (zeroshot.py)
+  dense       dense captioning, free `aref:` pairs: COCO mAP, exact caption match (dense.py)
 
 Each exposes `evaluate(ctx: common.Context, name, cfg) -> (metrics, records)`; the shared
-input / decoding / multi-host plumbing is in common.py and the metric arithmetic in scoring.py.
+input / decoding / multi-host plumbing is in common.py, teacher-forced row likelihoods in
+likelihood.py and the metric arithmetic in scoring.py.
 """
