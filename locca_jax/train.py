@@ -75,32 +75,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   end = config.total_steps
   if steps_this_run is not None:
     end = min(end, start + steps_this_run)
-  for step in range(start + 1, end + 1):
-    batch = sharding.global_batch(next(train_iter), mesh)
-    state, metrics = step_fn(state, batch)
-    if step == start + 1:  # throughput excludes compilation
-      jax.block_until_ready(metrics)
-      writer.start(step)
-    if step % config.log_every == 0 or step == end:
-      metrics = jax.device_get(metrics)  # the only host sync: on logging steps
-      metrics["lr"] = config.lr * float(spec.schedule_fn(step - 1))
-      metrics.update(train_iter.data_metrics(all_processes=True))  # skipped records by reason
-      if not math.isfinite(metrics["train/loss"]):
-        raise FloatingPointError(f"step {step}: train/loss is {metrics['train/loss']}")
-      writer.write(step, metrics)
-    preempted = ckpt.reached_preemption(step)
-    ckpt.save(step, state, iterator_checkpoint.IteratorSave(train_iter),
-              force=step == end or preempted)
-    if preempted:
-      logging.warning("Preempted at step %d: checkpoint saved, stopping", step)
-      break
-    eval_names = evaluate.evals_due(config, step, config.total_steps)
-    if eval_names:
-      writer.write_eval(step, evaluate.run_evals(config, state["params"], model, tokenizer,
-                                                 mesh, step, workdir, names=eval_names))
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+  # A failure (an evaluator, a NaN, Ctrl-C) still lets the checkpoint being written finish, so
+  # the rerun resumes from it instead of from the one before.
+  try:
+    for step in range(start + 1, end + 1):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = step_fn(state, batch)
+      if step == start + 1:  # throughput excludes compilation
+        jax.block_until_ready(metrics)
+        writer.start(step)
+      if step % config.log_every == 0 or step == end:
+        metrics = jax.device_get(metrics)  # the only host sync: on logging steps
+        metrics["lr"] = config.lr * float(spec.schedule_fn(step - 1))
+        metrics.update(train_iter.data_metrics(all_processes=True))  # skipped records by reason
+        if not math.isfinite(metrics["train/loss"]):
+          raise FloatingPointError(f"step {step}: train/loss is {metrics['train/loss']}")
+        writer.write(step, metrics)
+      preempted = ckpt.reached_preemption(step)
+      ckpt.save(step, state, iterator_checkpoint.IteratorSave(train_iter),
+                force=step == end or preempted)
+      if preempted:
+        logging.warning("Preempted at step %d: checkpoint saved, stopping", step)
+        break
+      eval_names = evaluate.evals_due(config, step, config.total_steps)
+      if eval_names:
+        writer.write_eval(step, evaluate.run_evals(config, state["params"], model, tokenizer,
+                                                   mesh, step, workdir, names=eval_names))
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
   return state
 
 

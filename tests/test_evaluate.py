@@ -172,6 +172,18 @@ def test_rec_and_gcap_prompts_are_how_the_training_rows_of_the_same_region_start
     assert aref_matches == 1 and gcap_matches == 1, (i, tok.decode(aref), tok.decode(gcap_row))
 
 
+def test_max_examples_beyond_the_split_takes_the_whole_split(shapes_data_dir):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from locca_jax.evaluators import common  # pylint: disable=g-import-not-at-top
+  config = tiny_config(shapes_data_dir, with_evals=True)
+  data = dict(name="locca_shapes/tiny", split="validation", data_dir=shapes_data_dir)
+  spec = common.eval_data(config, "x", dict(data=data))
+  ds = common.examples(config, spec, per_object=False, limit=10_000)  # the split holds 32
+  assert sorted(int(ex["index"]) for ex in ds.as_numpy_iterator()) == list(range(32))
+  with pytest.raises(ValueError, match="plain split name"):
+    common.examples(config, dict(spec, split="validation[:8]"), per_object=False, limit=4)
+
+
 # ------------------------------------------------------------------------------ end to end
 _CONFIG_FILE = textwrap.dedent("""
     import sys

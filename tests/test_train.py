@@ -75,3 +75,41 @@ def test_transfer_trains_a_fresh_decoder_on_the_frozen_pretrained_encoder(shapes
   with open(tmp_path / "transfer" / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   assert {"train/loss", "train/loss_aref"} <= set(records[-1])
+
+
+
+_FAILING_EVAL_CONFIG = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.conftest import tiny_config
+
+def get_config():
+  config = tiny_config({data_dir!r})
+  config.total_steps, config.ckpt_every = 3, 3
+  # A split the dataset does not have: found only when the evaluator runs, at step 3.
+  config.evals = dict(rec=dict(type="rec", data=dict(name="locca_shapes/tiny", split="dev",
+                                                     data_dir={data_dir!r}),
+                               batch_size=8, max_len=8))
+  return config
+"""
+
+
+@pytest.mark.slow
+def test_a_failing_evaluator_leaves_the_checkpoint_of_its_step_complete(shapes_data_dir,
+                                                                        tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from locca_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  config_file = tmp_path / "failing_eval.py"
+  config_file.write_text(_FAILING_EVAL_CONFIG.format(repo=REPO, data_dir=shapes_data_dir))
+  workdir = tmp_path / "workdir"
+  result = subprocess.run(
+      [sys.executable, "-m", "locca_jax.train", f"--config={config_file}",
+       f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert result.returncode != 0 and "split='dev'" in result.stderr, result.stderr[-3000:]
+  # The asynchronous save of step 3, started just before the evaluator ran, was finished
+  # before the process exited.
+  step, params = checkpoint.load_params(str(workdir / "checkpoints"))
+  assert step == 3 and jax.tree_util.tree_leaves(params)

@@ -138,10 +138,7 @@ def examples(config: ml_collections.ConfigDict, spec: dict, *, per_object: bool,
   opts = source_common.CleanOptions.from_config(config.input, drop_records=False)
   if spec["source"] == "tfds":
     if limit is not None:
-      if "[" in spec["split"] or "+" in spec["split"]:
-        raise ValueError(f"max_examples={limit} needs a plain split name, got "
-                         f"split={spec['split']!r} (slice the split or drop max_examples)")
-      spec["split"] = f"{spec['split']}[:{limit}]"
+      spec["split"] = tfds_sources.head_split(spec, limit)
     src = sources_lib.make_source(spec, process_index=i, process_count=n, strict=opts.strict)
     offset = sum(tfds_sources.process_split(src.builder, spec["split"], k, n)[1]
                  for k in range(i))

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from locca_jax import sharding
 from locca_jax.data import input_pipeline
+from locca_jax.data.sources import tfds_sources
 from locca_jax.evaluators import common
 from locca_jax.models import decoder as decoder_lib
 
@@ -77,10 +78,10 @@ def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], lis
   data = common.eval_data(ctx.config, name, cfg)
   limit = common.max_examples(name, cfg)
   if limit is not None:
-    if data["source"] != "tfds" or "[" in data["split"] or "+" in data["split"]:
+    if data["source"] != "tfds":
       raise ValueError(f"config.evals.{name}.max_examples={limit}: supported for a plain TFDS "
                        f"split only, got {data} (drop max_examples)")
-    data["split"] = f"{data['split']}[:{limit}]"
+    data["split"] = tfds_sources.head_split(data, limit)
   local = common.local_batch_size(ctx.config, name, cfg, ctx.mesh)
   ds = input_pipeline.make_eval_dataset(ctx.config, ctx.tokenizer, data=data,
                                         batch_size=local * jax.process_count())

@@ -57,6 +57,22 @@ def process_split(builder, split, process_index, process_count):
   return sub, builder.info.splits[sub].num_examples
 
 
+def head_split(spec, limit: int) -> str:
+  """`spec["split"]` cut to its first `limit` records (all of them if the split is shorter).
+
+  For `max_examples`: evaluating "at most N" of a split smaller than N takes the whole split.
+  """
+  split = spec["split"]
+  if "[" in split or "+" in split:
+    raise ValueError(f"max_examples={limit} needs a plain split name, got split={split!r} "
+                     "(slice the split or drop max_examples)")
+  builder = get_builder(spec)
+  if split not in builder.info.splits:
+    raise ValueError(f"split={split!r} not in {builder.name} "
+                     f"(available: {sorted(builder.info.splits.keys())})")
+  return f"{split}[:{min(int(limit), builder.info.splits[split].num_examples)}]"
+
+
 def read(builder, split, decoders=None):
   """Examples in a fixed order, image left encoded (decoded later, in the parallel map)."""
   return builder.as_dataset(
