@@ -14,7 +14,7 @@ Evaluators are declared in the config, one entry per name:
   c.evals.rec = dict(type="rec", data=dict(name="locca_shapes/base", split="validation"),
                      batch_size=64, max_examples=None, log_steps=500)
 
-Fields: `type` (rec | caption | gcap | perplexity | zeroshot | dense, see
+Fields: `type` (rec | caption | gcap | perplexity | zeroshot | dense | probe, see
 `locca_jax.evaluators`), `data` (one data spec of `locca_jax.data.sources`: a TFDS name +
 split, whose data_dir defaults to config.input.data's, or a jsonl / coco_json / vg file),
 `batch_size` (global; default config.input.batch_size; a multiple of the mesh's data x fsdp
@@ -45,13 +45,14 @@ from locca_jax.evaluators import common
 from locca_jax.evaluators import dense
 from locca_jax.evaluators import gcap
 from locca_jax.evaluators import perplexity
+from locca_jax.evaluators import probe
 from locca_jax.evaluators import rec
 from locca_jax.evaluators import zeroshot
 from locca_jax.models import locca
 
 EVALUATORS = dict(rec=rec.evaluate, caption=caption.evaluate, gcap=gcap.evaluate,
                   perplexity=perplexity.evaluate, zeroshot=zeroshot.evaluate,
-                  dense=dense.evaluate)
+                  dense=dense.evaluate, probe=probe.evaluate)
 
 
 def eval_names(config: ml_collections.ConfigDict, names=None) -> list[str]:
@@ -78,7 +79,7 @@ def check_evals(config: ml_collections.ConfigDict, tokenizer, mesh) -> list[str]
     common.eval_data(config, name, cfg)
     common.max_examples(name, cfg)
     common.local_batch_size(config, name, cfg, mesh)
-    if cfg.type not in ("perplexity", "zeroshot"):
+    if cfg.type not in ("perplexity", "zeroshot", "probe"):
       common.decode_budget(config, name, cfg, 1)
     if cfg.type == "rec":
       rec.box_constraint(config, tokenizer, name, cfg)
