@@ -183,7 +183,7 @@ def test_crop_windows_follow_the_area_and_aspect_ranges_and_the_seed():
     begin, size = (t.numpy() for t in preprocess.crop_window([300, 400], tf.zeros([0, 4]), seed,
                                                              opts))
     again = preprocess.crop_window([300, 400], tf.zeros([0, 4]), seed, opts)
-    assert begin.tolist() == again[0].numpy().tolist() and size.tolist() == again[1].numpy().tolist()
+    assert [begin.tolist(), size.tolist()] == [t.numpy().tolist() for t in again]
     area = size[0] * size[1] / (300 * 400)
     aspect = size[1] / size[0]
     assert 0.3 - 0.01 <= area <= 0.6 + 0.01, (size, area)

@@ -25,9 +25,11 @@ of it counted by reason (config.input.strict=True raises instead).
 Each process reads its own disjoint part of every source (TFDS: `tfds.split_for_jax_process`;
 files: record i goes to process i % process_count). The stream of one source is:
 read (fixed order) -> repeat -> enumerate -> map(to_common, clean) -> scan(count skipped) ->
-filter(usable) -> shuffle (seeded); the sources are mixed with
-`tf.data.Dataset.sample_from_datasets` (seeded, config weights), then map(decode, crop
-(config.input.crop; training only), resize, task rows) -> batch -> prefetch. All random draws in the maps are stateless, seeded by
+filter(usable) -> map(pack: one string per example, see `_pack`) -> shuffle (seeded); the
+sources are mixed with `tf.data.Dataset.sample_from_datasets` (seeded, config weights), then
+map(unpack, decode, crop (config.input.crop; training only), resize, task draws) -> batch ->
+map(tokenize, task rows: vectorized over the batch, `tasks.build_task_rows`) -> prefetch.
+All random draws in the maps are stateless, seeded by
 (config.seed, process_index, source, position in the source's stream), so the batches are a pure
 function of the config and the process, and an iterator restored from a checkpoint continues the
 identical sequence. The iterator uses `experimental_symbolic_checkpoint`: prefetch / map buffers
@@ -117,27 +119,49 @@ def _base_seed(config, process_index, source_index=0):
 
 
 def _process_example(config, tokenizer, extra_fields=(), train=False):
-  """(seed, common example) -> dict of model inputs (+ extra_fields).
+  """(seed, common example) -> the per-example part: image, the task draws
+  (`tasks_lib.TASK_INPUTS`) and the extra_fields that are not task outputs. `_task_rows` turns a
+  batch of these into model inputs.
 
   `train` applies config.input.crop (the random crop is for training only)."""
+  del tokenizer   # Tokenizing happens once per batch, in `_task_rows`.
   ci = config.input
   crop = preprocess.crop_options(_get(ci, "crop", None)) if train else None
+  image_size, resize = int(ci.image_size), _get(ci, "resize", "squash")
 
   @tf.autograph.experimental.do_not_convert  # Plain graph code; skips autograph's rewrite.
   def fn(seed, example):
-    ex = preprocess.preprocess_example(example, int(ci.image_size), _get(ci, "resize", "squash"),
-                                       crop=crop, seed=seed)
-    rows = tasks_lib.make_task_sequences(ex, tokenizer, ci, seed)
-    out = dict(image=ex["image"], text=rows["text"], mask_loss=rows["mask_loss"])
+    ex = preprocess.preprocess_example(example, image_size, resize, crop=crop, seed=seed)
+    out = dict(image=ex["image"], **tasks_lib.sample_task_inputs(ex, ci, seed))
     for k in extra_fields:
-      out[k] = rows[k] if k in rows else example[k]
+      if k not in _TASK_FIELDS:
+        out[k] = example[k]
     return out
 
   return fn
 
 
+def _task_rows(config, tokenizer, extra_fields=()):
+  """A batch of `_process_example` outputs -> image, text [b, T, L], mask_loss [b, T, L]
+  (+ extra_fields, + any other field passed through): vectorized over the batch."""
+  ci = config.input
+  wanted = [k for k in extra_fields if k in _TASK_FIELDS]
+
+  @tf.autograph.experimental.do_not_convert
+  def fn(batch):
+    batch = dict(batch)
+    inputs = {k: batch.pop(k) for k in tasks_lib.TASK_INPUTS}
+    rows = tasks_lib.build_task_rows(inputs, tokenizer, ci)
+    batch["text"], batch["mask_loss"] = rows["text"], rows["mask_loss"]
+    for k in wanted:
+      batch[k] = rows[k]
+    return batch
+
+  return fn
+
+
 def _process_fn(config, tokenizer, process_index, extra_fields=(), train=False):
-  """(stream position, example) -> dict of model inputs (+ extra_fields), seeded by position."""
+  """(stream position, example) -> the per-example part (`_process_example`), seeded by position."""
   base_seed = _base_seed(config, process_index)
   process = _process_example(config, tokenizer, extra_fields, train=train)
 
@@ -218,7 +242,8 @@ def count_excluded(src, sorted_ids):
 
 
 def _source_stream(config, spec, src, source_index, num_sources, opts, process_index):
-  """One source's infinite stream of usable common examples (+ seed, + running counts)."""
+  """One source's infinite stream of usable common examples (+ seed, + running counts),
+  packed (`_pack`). Returns (dataset, element_spec of the unpacked example)."""
   ci = config.input
   base_seed = _base_seed(config, process_index, source_index)
   num_reasons = len(common.REASONS)
@@ -256,7 +281,10 @@ def _source_stream(config, spec, src, source_index, num_sources, opts, process_i
   ds = src.dataset().repeat().enumerate()
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.scan((tf.zeros([num_reasons], tf.int64), tf.constant(0, tf.int64)), accumulate)
-  ds = ds.filter(_second).map(_first)
+  ds = ds.filter(_second)
+  example_spec = ds.element_spec[0]
+  # One string per example from here to the model-input map (see `_pack`).
+  ds = ds.map(_pack_first)
   shuffle_buffer = spec.get("shuffle_buffer")
   if shuffle_buffer is None:
     shuffle_buffer = _get(ci, "shuffle_buffer", 0)
@@ -265,12 +293,40 @@ def _source_stream(config, spec, src, source_index, num_sources, opts, process_i
     ds = ds.shuffle(shuffle_buffer,
                     seed=int(config.seed) * 1009 + process_index + 7919 * source_index,
                     reshuffle_each_iteration=False)
-  return ds
+  return ds, example_spec
 
 
 @tf.autograph.experimental.do_not_convert
-def _first(x, unused_y):
-  return x
+def _pack_first(example, unused_keep):
+  return _pack(example)
+
+
+def _pack(example):
+  """A nest of dense tensors -> string [k] (each tensor serialized), for the shuffle buffer.
+
+  With symbolic checkpointing, tf.data's shuffle records its whole buffer into the in-memory
+  checkpoint after every element it produces: a cost of about buffer size x tensors per element
+  (tens to hundreds of ns each), paid by every element. One string per example instead of ~11
+  tensors makes that ~10x cheaper (docs/PERFORMANCE.md); `_unpack` restores the nest bit for
+  bit, so batches are unchanged.
+  """
+  return tf.stack([tf.io.serialize_tensor(t) for t in tf.nest.flatten(example)])
+
+
+def _unpack(packed, spec):
+  """`_pack`'s inverse; `spec` is the element spec of the nest before packing."""
+  flat = [tf.ensure_shape(tf.io.parse_tensor(packed[i], s.dtype), s.shape)
+          for i, s in enumerate(tf.nest.flatten(spec))]
+  return tf.nest.pack_sequence_as(spec, flat)
+
+
+def _common_spec(specs, labels):
+  """The element spec of every source's examples (mixed sources must agree)."""
+  for spec, label in zip(specs[1:], labels[1:]):
+    if spec != specs[0]:
+      raise ValueError(f"config.input.data: source {label} gives examples of another layout "
+                       f"than {labels[0]} ({spec} vs {specs[0]})")
+  return specs[0]
 
 
 @tf.autograph.experimental.do_not_convert
@@ -301,8 +357,10 @@ def make_train_dataset(config, tokenizer, *, process_index=None, process_count=N
     made_sources = make_sources(config, process_index=process_index,
                                 process_count=process_count, extra_fields=extra_fields)
   specs, srcs, opts = made_sources
-  streams = [_source_stream(config, spec, src, s, len(srcs), opts, process_index)
-             for s, (spec, src) in enumerate(zip(specs, srcs))]
+  made = [_source_stream(config, spec, src, s, len(srcs), opts, process_index)
+          for s, (spec, src) in enumerate(zip(specs, srcs))]
+  streams = [ds for ds, _ in made]
+  example_spec = _common_spec([spec for _, spec in made], [src.label for src in srcs])
   if len(streams) == 1:
     ds = streams[0]
   else:
@@ -312,7 +370,8 @@ def make_train_dataset(config, tokenizer, *, process_index=None, process_count=N
   process = _process_example(config, tokenizer, extra_fields, train=True)
 
   @tf.autograph.experimental.do_not_convert
-  def fn(ex):
+  def fn(packed):
+    ex = _unpack(packed, example_spec)
     out = process(ex["seed"], ex)
     if with_counters:
       out[COUNTS_FIELD] = ex[COUNTS_FIELD]
@@ -320,6 +379,8 @@ def make_train_dataset(config, tokenizer, *, process_index=None, process_count=N
 
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(_task_rows(config, tokenizer, extra_fields), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options())
 
@@ -503,5 +564,7 @@ def make_eval_dataset(config, tokenizer, *, split=None, data=None, batch_size=No
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)).repeat()
   ds = ds.concatenate(padding).take(num_batches * local_batch)
   ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(_task_rows(config, tokenizer, extra_fields), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options())

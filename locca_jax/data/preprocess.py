@@ -187,7 +187,9 @@ def resize_image_and_boxes(image, boxes, size, method="squash", pad_value=0.0):
   """
   if method not in RESIZE_METHODS:
     raise ValueError(f"resize method {method!r} unknown (expected one of {RESIZE_METHODS})")
-  image = tf.cast(image, tf.float32)
+  if image.dtype not in (tf.uint8, tf.float32):
+    image = tf.cast(image, tf.float32)
+  # uint8 goes into the resize as is: it reads integers as floats, saving a cast pass.
   boxes = tf.cast(boxes, tf.float32)
   if method == "squash":
     return tf.image.resize(image, [size, size], antialias=True), boxes
@@ -201,8 +203,11 @@ def resize_image_and_boxes(image, boxes, size, method="squash", pad_value=0.0):
   off_x = (size - new_w) // 2
   resized = tf.image.resize(image, tf.stack([new_h, new_w]), antialias=True)
   # tf.pad has no float pad value per channel; pad (x - v) with zeros, add v back.
-  out = tf.pad(resized - pad_value,
-               [[off_y, size - new_h - off_y], [off_x, size - new_w - off_x], [0, 0]]) + pad_value
+  paddings = [[off_y, size - new_h - off_y], [off_x, size - new_w - off_x], [0, 0]]
+  if pad_value:
+    out = tf.pad(resized - pad_value, paddings) + pad_value
+  else:
+    out = tf.pad(resized, paddings)
   out = tf.ensure_shape(out, [size, size, image.shape[-1]])
 
   fs = float(size)
@@ -214,10 +219,14 @@ def resize_image_and_boxes(image, boxes, size, method="squash", pad_value=0.0):
   return out, boxes
 
 
-def value_range(image, vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0):
-  """Linearly maps [in_min, in_max] to [vmin, vmax] (float32)."""
+def value_range(image, vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, clip=False):
+  """Linearly maps [in_min, in_max] to [vmin, vmax] (float32); `clip` then clips to that range
+  (the same as clipping the input to [in_min, in_max] first, one pass fewer)."""
   image = tf.cast(image, tf.float32)
-  return vmin + (image - in_min) * ((vmax - vmin) / (in_max - in_min))
+  if in_min:
+    image = image - in_min
+  image = vmin + image * ((vmax - vmin) / (in_max - in_min))
+  return tf.clip_by_value(image, min(vmin, vmax), max(vmin, vmax)) if clip else image
 
 
 def clip_and_filter_boxes(boxes, *per_box):
@@ -257,7 +266,7 @@ def preprocess_example(example, image_size, resize="squash", crop=None, seed=Non
     boxes, refexps = tf.boolean_mask(boxes, keep), tf.boolean_mask(refexps, keep)
   image, boxes = resize_image_and_boxes(image, boxes, image_size, resize)
   boxes, refexps = clip_and_filter_boxes(boxes, refexps)
-  image = value_range(tf.clip_by_value(image, 0.0, 255.0))
+  image = value_range(image, clip=True)
   return dict(
       image=image,
       captions=tf.reshape(example.get("captions", tf.zeros([0], tf.string)), [-1]),
