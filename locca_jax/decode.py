@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from locca_jax import boxes as boxlib
+from locca_jax import static_arg
 from locca_jax.models import decoder as decoder_lib
 
 PAD_ID = 0
@@ -321,25 +322,10 @@ def _beam_search(stepper, forced, prompt_lens, active, alpha, *, beams, max_len,
 
 
 # ------------------------------------------------------------------------------- entry points
-class _Static:
-  """A Flax module as a static jit argument (it holds dicts, so it is not hashable itself):
-  modules with the same attributes (the same repr) share compiled code."""
-
-  def __init__(self, module):
-    self.module = module
-    self._key = repr(module)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Static) and repr(other.module) == self._key
-
-
 @functools.partial(jax.jit, static_argnames=("static_model",))
 def _encode_jit(static_model, params, images):
   # Its own jit: one encoder compilation serves every method and decoding option.
-  return static_model.module.apply({"params": params}, images, method="encode")
+  return static_model.model.apply({"params": params}, images, method="encode")
 
 
 @functools.partial(jax.jit, static_argnames=("static_model", "max_len", "eos_id", "method",
@@ -347,7 +333,7 @@ def _encode_jit(static_model, params, images):
 def _decode_jit(static_model, params, visual, prompts, prompt_lens, rng, box_constraint,
                 length_penalty, temperature, top_k, *, max_len, eos_id, method, beam_size,
                 use_cache):
-  model = static_model.module
+  model = static_model.model
   b, width = prompts.shape
   s = width + max_len
   forced = jnp.pad(prompts, [(0, 0), (0, max_len)])  # [B, S]
@@ -447,7 +433,7 @@ def _decode(model, params, images, prompts, prompt_lens, *, max_len, eos_id, met
                        f"{box_constraint.coord_value.shape[0]} tokens, the model has {vocab} "
                        "(build it from the tokenizer the model was trained with)")
     box_constraint = box_constraint.replace(coord_value=np.asarray(box_constraint.coord_value))
-  static_model = _Static(model)
+  static_model = static_arg.StaticModel(model)
   visual = _encode_jit(static_model, params, images)  # once per image
   out = _decode_jit(
       static_model, params, visual, prompts.astype(np.int32), prompt_lens.astype(np.int32), rng,

@@ -28,23 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from locca_jax import sharding
+from locca_jax import static_arg
 from locca_jax.models import decoder as decoder_lib
-
-
-class _Static:
-  """A model and mesh as one static jit argument (both hashable by value): repeated
-  evaluations reuse the compiled functions."""
-
-  def __init__(self, model, mesh):
-    self.model, self.mesh = model, mesh
-    self._key = (repr(model), mesh)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    # pylint: disable-next=protected-access
-    return isinstance(other, _Static) and other._key == self._key
 
 
 @functools.partial(jax.jit, static_argnames="static")
@@ -66,7 +51,7 @@ def _row_ll_jit(params, visual, rows, weights, static):
 def encode(model, mesh, params, images):
   """Visual tokens [B, P, F] of a global image batch [B, H, W, 3] (one encoder pass)."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return _encode_jit(params, images, _Static(model, mesh))
+    return _encode_jit(params, images, static_arg.StaticModel(model, mesh))
 
 
 def row_log_likelihoods(model, mesh, params, visual, rows, weights):
@@ -81,4 +66,4 @@ def row_log_likelihoods(model, mesh, params, visual, rows, weights):
     raise ValueError(f"rows {rows.shape} and weights {weights.shape}: expected the same shape, "
                      "[B, T, L] or [T, L]")
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return _row_ll_jit(params, visual, rows, weights, _Static(model, mesh))
+    return _row_ll_jit(params, visual, rows, weights, static_arg.StaticModel(model, mesh))

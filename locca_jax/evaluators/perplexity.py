@@ -27,28 +27,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from locca_jax import sharding
+from locca_jax import static_arg
 from locca_jax.data import input_pipeline
 from locca_jax.data.sources import tfds_sources
 from locca_jax.evaluators import common
 from locca_jax.models import decoder as decoder_lib
 
 FIELDS = ("image", "text", "mask_loss", "mask_valid")
-
-
-class _Static:
-  """A model and mesh as one static jit argument: repeated evaluations (the trainer calls
-  `evaluate` every log_steps) reuse the compiled function instead of tracing anew."""
-
-  def __init__(self, model, mesh):
-    self.model, self.mesh = model, mesh
-    self._key = (repr(model), mesh)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    # pylint: disable-next=protected-access
-    return isinstance(other, _Static) and other._key == self._key
 
 
 @functools.partial(jax.jit, static_argnames="static")
@@ -69,7 +54,7 @@ def nll_sums(model, mesh, params, batch):
   Only tokens with mask_loss 1 in rows with mask_valid 1 count.
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return _sums_jit(params, batch, _Static(model, mesh))
+    return _sums_jit(params, batch, static_arg.StaticModel(model, mesh))
 
 
 def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], list[dict]]:
