@@ -31,14 +31,6 @@ from locca_jax import sharding
 from locca_jax import train_step
 from locca_jax.models import locca
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=False)
-_MODELS = flags.DEFINE_list("models", ["B/16:6"],
-                            "VARIANT:DECODER_LAYERS entries, e.g. B/16:6,L/16:12.")
-_MESHES = flags.DEFINE_list("meshes", ["data", "fsdp"], "Mesh layouts: data, fsdp, tensor.")
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: config.input.batch_size).")
-_VOCAB = flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary size.")
-
 GIB = 2 ** 30
 
 
@@ -137,11 +129,26 @@ def markdown(rows: list[MemoryRow]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  rows = memory_rows(config, _MODELS.value, _MESHES.value,
-                     _BATCH.value or config.input.batch_size, _VOCAB.value)
+def _define_flags():
+  """The command's flags, defined only when run as a program (tests import this module)."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                             lock_config=False),
+      models=flags.DEFINE_list("models", ["B/16:6"],
+                               "VARIANT:DECODER_LAYERS entries, e.g. B/16:6,L/16:12."),
+      meshes=flags.DEFINE_list("meshes", ["data", "fsdp"], "Mesh layouts: data, fsdp, tensor."),
+      batch=flags.DEFINE_integer("batch", None,
+                                 "Global batch (default: config.input.batch_size)."),
+      vocab_size=flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary size."))
+
+
+def main(argv, flag_values):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = flag_values["config"].value
+  rows = memory_rows(config, flag_values["models"].value, flag_values["meshes"].value,
+                     flag_values["batch"].value or config.input.batch_size,
+                     flag_values["vocab_size"].value)
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}, compute {config.model.dtype}, remat "
         f"{config.model.remat_policy}, scan {config.model.scan}, "
@@ -153,5 +160,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _FLAGS))

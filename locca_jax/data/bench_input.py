@@ -41,16 +41,6 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-_NUM = flags.DEFINE_integer("num", 2000, "Images to write and to time per stage.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image size (written and model input).")
-_BATCH = flags.DEFINE_integer("batch", 64, "Batch size of every stage.")
-_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality.")
-_NOISE = flags.DEFINE_float("noise", 0.0, "Std of Gaussian pixel noise added (0: flat shapes).")
-_SHUFFLE = flags.DEFINE_integer("shuffle_buffer", 1000, "Pipeline shuffle buffer.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes per stage (best is reported).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the data (default: a temp dir).")
-_CPU = flags.DEFINE_integer("cpu", None, "CPU to pin to (default: the last one allowed).")
-
 STAGES = ("decode+resize", "read+decode+resize", "pipeline, no shuffle", "pipeline",
           "pipeline+crop")
 DATASET = "locca_input_bench"
@@ -226,17 +216,34 @@ def format_table(result):
   return "\n".join(lines)
 
 
-def main(argv):
+def _define_flags():
+  """The command's flags, defined only when run as a program: importing this module (the
+  tests do, beside the trainer's --workdir) defines none."""
+  return dict(
+      num=flags.DEFINE_integer("num", 2000, "Images to write and to time per stage."),
+      image_size=flags.DEFINE_integer("image_size", 224,
+                                      "Image size (written and model input)."),
+      batch=flags.DEFINE_integer("batch", 64, "Batch size of every stage."),
+      quality=flags.DEFINE_integer("quality", 90, "JPEG quality."),
+      noise=flags.DEFINE_float("noise", 0.0,
+                               "Std of Gaussian pixel noise added (0: flat shapes)."),
+      shuffle_buffer=flags.DEFINE_integer("shuffle_buffer", 1000, "Pipeline shuffle buffer."),
+      repeats=flags.DEFINE_integer("repeats", 3, "Timed passes per stage (best is reported)."),
+      workdir=flags.DEFINE_string("workdir", None,
+                                  "Where to write the data (default: a temp dir)."),
+      cpu=flags.DEFINE_integer("cpu", None, "CPU to pin to (default: the last one allowed)."))
+
+
+def main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cpu = pin_to_one_cpu(_CPU.value)
+  values = {k: v.value for k, v in flag_values.items()}
+  cpu = pin_to_one_cpu(values.pop("cpu"))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
-  result = run(num=_NUM.value, image_size=_IMAGE_SIZE.value, batch=_BATCH.value,
-               quality=_QUALITY.value, noise=_NOISE.value, shuffle_buffer=_SHUFFLE.value,
-               repeats=_REPEATS.value, workdir=_WORKDIR.value)
+  result = run(**values)
   result.update(cpu_pinned=cpu, machine=machine(), command=" ".join(sys.argv))
   print(f"{result['num']} images of {result['image_size']} px, JPEG q{result['quality']} "
         f"(mean {result['mean_jpeg_bytes'] / 1024:.1f} KiB), batch {result['batch']}, "
@@ -246,4 +253,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = _define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))

@@ -39,12 +39,6 @@ TEXT_COLORS = {"cap": (0, 0, 0), "aref": (200, 0, 0), "gcap": (0, 140, 0)}
 BOX_WIDTH = 2
 LINE_HEIGHT = 12
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_NUM = flags.DEFINE_integer("num", 16, "Number of training examples to show.")
-_OUT = flags.DEFINE_string("out", "grid.png", "Output PNG path.")
-_COLS = flags.DEFINE_integer("cols", 0, "Tiles per grid row (0: ceil(sqrt(num))).")
-_CELL = flags.DEFINE_integer("cell", 256, "Tile image size in pixels.")
-_TEXT_HEIGHT = flags.DEFINE_integer("text_height", 0, "Text panel height (0: from the tasks).")
 
 
 def default_text_height(num_tasks):
@@ -177,16 +171,30 @@ def run(config, num, out, *, cols=0, cell=256, text_height=0):
   return dict(out=str(out), size=list(grid.size), examples=examples)
 
 
-def main(argv):
+def _define_flags():
+  """The command's flags, defined only when run as a program (importing defines none)."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "Training config file."),
+      num=flags.DEFINE_integer("num", 16, "Number of training examples to show."),
+      out=flags.DEFINE_string("out", "grid.png", "Output PNG path."),
+      cols=flags.DEFINE_integer("cols", 0, "Tiles per grid row (0: ceil(sqrt(num)))."),
+      cell=flags.DEFINE_integer("cell", 256, "Tile image size in pixels."),
+      text_height=flags.DEFINE_integer("text_height", 0,
+                                       "Text panel height (0: from the tasks)."))
+
+
+def main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
-  result = run(_CONFIG.value, _NUM.value, _OUT.value, cols=_COLS.value, cell=_CELL.value,
-               text_height=_TEXT_HEIGHT.value)
+  v = {k: f.value for k, f in flag_values.items()}
+  result = run(v["config"], v["num"], v["out"], cols=v["cols"], cell=v["cell"],
+               text_height=v["text_height"])
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _FLAGS))
