@@ -54,6 +54,10 @@ def get_config(arg=None):
   c.model.scan = not runlocal
   c.model.remat_policy = "none" if runlocal else "nothing_saveable"
 
+  # Cross-entropy over pieces of this many text positions, never the whole [B, T, L, V]
+  # float32 logits (train_step.chunked_token_nll); 0: whole logits (small vocabularies).
+  c.xent_chunk = 0 if runlocal else 16
+
   c.lr = 3e-3 if runlocal else 1e-3
   c.wd = 1e-4
   c.grad_clip_norm = 1.0

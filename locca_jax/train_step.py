@@ -22,10 +22,52 @@ from locca_jax.models import decoder as decoder_lib
 State = dict[str, Any]  # params, opt_state, step (int32 scalar), rng (uint32[2] key data)
 
 
+def token_nll(logits: jax.Array, text: jax.Array) -> jax.Array:
+  """Per-token cross-entropy [B, T, L] (float32) of logits [B, T, L, V]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
+
+
+def chunked_token_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                      text: jax.Array, chunk: int) -> jax.Array:
+  """`token_nll` of the logits `features @ kernel + bias`, without ever holding them whole.
+
+  features [B, T, L, F] (the decoder's, `features_only=True`), kernel [F, V] and bias [V] (the
+  decoder's `head`), text [B, T, L]. The sequence axis is cut into L / `chunk` pieces; each
+  piece's logits [B, T, chunk, V] are computed (in the features' dtype, as the head's Dense
+  does), reduced to NLL and dropped, and recomputed in the backward pass (`jax.checkpoint`).
+  The peak thus holds one piece's logits instead of [B, T, L, V] in float32 plus its gradient:
+  with a 32k vocabulary that is most of a LocCa train step's activation memory. Cutting along L
+  keeps every piece sharded like the batch.
+  """
+  b, t, l, f = features.shape
+  if chunk <= 0 or l % chunk:
+    raise ValueError(f"config.xent_chunk={chunk}: expected a positive divisor of the text "
+                     f"length {l} (config.input.seq_len), or 0 for whole logits")
+  pieces = l // chunk
+  h = features.reshape(b, t, pieces, chunk, f).transpose(2, 0, 1, 3, 4)  # [n, B, T, c, F]
+  y = text.reshape(b, t, pieces, chunk).transpose(2, 0, 1, 3)  # [n, B, T, c]
+
+  @jax.checkpoint
+  def piece(h_piece, y_piece):
+    logits = jnp.einsum("btcf,fv->btcv", h_piece, kernel.astype(h_piece.dtype))
+    if bias is not None:
+      logits = logits + bias.astype(logits.dtype)
+    logits = nn.with_logical_constraint(logits, ("act_batch", None, "act_len", "act_vocab"))
+    return token_nll(logits, y_piece)
+
+  nll = jax.lax.map(lambda hy: piece(*hy), (h, y))  # [n, B, T, c]
+  return nll.transpose(1, 2, 0, 3).reshape(b, t, l)
+
+
 def compute_loss(logits: jax.Array, text: jax.Array, mask_loss: jax.Array,
                  task_names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Token cross-entropy averaged over all trained tokens, plus one mean per task."""
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
+  return masked_losses(token_nll(logits, text), mask_loss, task_names)
+
+
+def masked_losses(nll: jax.Array, mask_loss: jax.Array,
+                  task_names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-token NLL [B, T, L] -> (mean over trained tokens, {train/loss, train/loss_<task>})."""
   weighted = nll * mask_loss  # [B, T, L]
   loss = weighted.sum() / jnp.maximum(mask_loss.sum(), 1.0)
   per_task_sum, per_task_count = weighted.sum(axis=(0, 2)), mask_loss.sum(axis=(0, 2))
@@ -46,15 +88,27 @@ def sample_parallel(rng: jax.Array, batch_size: int, task_names: Sequence[str],
 
 
 def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:
-  """`loss_fn(params, batch, rng) -> (loss, metrics)`."""
+  """`loss_fn(params, batch, rng) -> (loss, metrics)`.
+
+  `config.xent_chunk` > 0 computes the cross-entropy piecewise (`chunked_token_nll`); 0 (the
+  default) from whole logits.
+  """
   task_names = tuple(config.input.tasks)
   fraction = config.model.get("parallel_fraction", 0.0)
+  chunk = int(config.get("xent_chunk", 0) or 0)
 
   def loss_fn(params, batch, rng):
     parallel = sample_parallel(rng, batch["text"].shape[0], task_names, fraction)
     tokens, self_mask = decoder_lib.decoder_inputs(batch["text"], parallel)
-    logits = model.apply({"params": params}, batch["image"], tokens, self_mask)
-    return compute_loss(logits, batch["text"], batch["mask_loss"], task_names)
+    if chunk:
+      features = model.apply({"params": params}, batch["image"], tokens, self_mask,
+                             features_only=True)
+      head = params["txt"]["head"]
+      nll = chunked_token_nll(features, head["kernel"], head.get("bias"), batch["text"], chunk)
+    else:
+      logits = model.apply({"params": params}, batch["image"], tokens, self_mask)
+      nll = token_nll(logits, batch["text"])
+    return masked_losses(nll, batch["mask_loss"], task_names)
   return loss_fn
 
 

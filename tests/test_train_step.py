@@ -7,7 +7,9 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
+import optax
 import pytest
 
 from locca_jax import train_step
@@ -59,6 +61,60 @@ def test_loss_is_masked_token_mean_against_numpy_float64():
   assert float(metrics["train/loss_gcap"]) == 0.0
 
 
+
+def test_chunked_cross_entropy_equals_optax_on_whole_logits_with_the_same_gradients():
+  rng = np.random.default_rng(0)
+  b, t, l, f, v = 2, 3, 8, 5, 11
+  features = jnp.asarray(rng.normal(size=(b, t, l, f)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(f, v)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(v,)), jnp.float32)
+  text = jnp.asarray(rng.integers(0, v, size=(b, t, l)))
+  weights = jnp.asarray(rng.uniform(size=(b, t, l)), jnp.float32)
+
+  def reference(h, k, c):  # whole logits through optax
+    logits = jnp.einsum("btlf,fv->btlv", h, k) + c
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, text) * weights).sum()
+
+  def chunked(h, k, c):
+    return (train_step.chunked_token_nll(h, k, c, text, 4) * weights).sum()
+
+  ref_value, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(features, kernel, bias)
+  value, grads = jax.value_and_grad(chunked, argnums=(0, 1, 2))(features, kernel, bias)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="xent_chunk=3"):
+    train_step.chunked_token_nll(features, kernel, bias, text, 3)
+
+
+def test_train_loss_with_chunked_cross_entropy_equals_whole_logits():
+  from locca_jax.models import locca  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir=None)
+  model = locca.make_model(config.model, 50, config.input.seq_len)
+  rng = np.random.default_rng(0)
+  batch = dict(image=jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32),
+               text=jnp.asarray(rng.integers(1, 50, (2, 3, 48)), jnp.int32),
+               mask_loss=jnp.asarray(rng.uniform(size=(2, 3, 48)) > 0.3, jnp.float32))
+  params = model.init(jax.random.PRNGKey(0), *train_step.dummy_inputs(32, 3, 48))["params"]
+  params = nn.unbox(params)
+  # A nonzero head, so the logits (zero-initialized) depend on the features.
+  params["txt"]["head"]["kernel"] = jnp.asarray(
+      rng.normal(size=params["txt"]["head"]["kernel"].shape), jnp.float32)
+  results = {}
+  for chunk in (0, 12):
+    config.xent_chunk = chunk
+    loss_fn = train_step.make_loss_fn(model, config)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch, jax.random.PRNGKey(1))
+    results[chunk] = (loss, metrics, grads)
+  np.testing.assert_allclose(results[12][0], results[0][0], rtol=1e-5)
+  np.testing.assert_allclose(results[12][1]["train/loss_gcap"], results[0][1]["train/loss_gcap"],
+                             rtol=1e-5)
+  for got, want in zip(jax.tree_util.tree_leaves(results[12][2]),
+                       jax.tree_util.tree_leaves(results[0][2])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
 # Runs in a fresh interpreter: 8 simulated CPU devices, and TensorFlow made unimportable so
 # the model / optimizer / sharding / train-step path is proven TF-free at the same time.
 _MESH_WORKER = textwrap.dedent("""
@@ -72,6 +128,7 @@ _MESH_WORKER = textwrap.dedent("""
 
     config = tiny_config(data_dir=None)
     config.model.parallel_fraction = 0.5
+    config.xent_chunk = 12  # the piecewise cross-entropy, sharded like the logits would be
     config.optax.dtype_momentum = "float32"
     # Adafactor's first steps are ~sign(g): with eps=1e-30 a gradient of 1e-12 on one mesh
     # and -1e-12 on another (reduction order) gives opposite full-size updates. A larger eps

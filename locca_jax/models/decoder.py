@@ -95,7 +95,10 @@ class Decoder(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, visual, self_mask):
+  def __call__(self, tokens, visual, self_mask, features_only: bool = False):
+    """`features_only`: return the final-LayerNorm features [B,T,L,E] instead of the logits
+    (the loss then applies the `head` params itself, chunk by chunk: `chunked_cross_entropy`).
+    """
     if tokens.shape[-1] > self.max_len:
       raise ValueError(f"text length {tokens.shape[-1]} > decoder max_len {self.max_len}")
     if self.decode and tokens.shape[-1] != 1:
@@ -129,6 +132,8 @@ class Decoder(nn.Module):
                                   self.decode, self.max_len, name=name),
             x, visual.astype(self.dtype), self_mask)
     x = common.layer_norm("decoder_norm", self.dtype)(x)
+    if features_only:
+      return x
     logits = nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype, name="head",
                       kernel_init=common.logical(nn.initializers.zeros, ("embed", "vocab")),
                       bias_init=common.logical(nn.initializers.zeros, ("vocab",)))(x)

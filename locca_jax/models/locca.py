@@ -35,11 +35,12 @@ class LocCa(nn.Module):
     visual = self.img(image)  # [B, P, E]
     return visual if self.img_proj is None else self.img_proj(visual)
 
-  def decode(self, tokens, visual, self_mask):
-    return self.txt(tokens, visual, self_mask)
+  def decode(self, tokens, visual, self_mask, features_only: bool = False):
+    return self.txt(tokens, visual, self_mask, features_only)
 
-  def __call__(self, image, tokens, self_mask):
-    return self.decode(tokens, self.encode(image), self_mask)
+  def __call__(self, image, tokens, self_mask, features_only: bool = False):
+    """Logits [B,T,L,V], or with `features_only` the decoder's features [B,T,L,F]."""
+    return self.decode(tokens, self.encode(image), self_mask, features_only)
 
 
 def make_model(model_config: ml_collections.ConfigDict, vocab_size: int,
