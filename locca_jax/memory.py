@@ -99,6 +99,8 @@ def train_step_memory(config, mesh, batch_size: int, vocab_size: int) -> dict:
 
 
 def memory_rows(config, models, layouts, batch_size: int, vocab_size: int) -> list[MemoryRow]:
+  """One row per (model, layout); `config` itself is left unchanged."""
+  config = config.copy_and_resolve_references()
   out = []
   for entry in models:
     variant, decoder_layers = parse_model(entry)
