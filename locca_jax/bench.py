@@ -26,18 +26,6 @@ from locca_jax import sharding
 from locca_jax import train_step
 from locca_jax.models import locca
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=False)
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: config.input.batch_size).")
-_TASKS = flags.DEFINE_enum("tasks", "all", ["cap", "all"],
-                           "cap: one Cap row per image (CapPa-equal work); all: config's tasks.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary size of the synthetic text.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Train steps per timed repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
-_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 8, "Images per decoding batch (0: skip).")
-_DECODE_LEN = flags.DEFINE_integer("decode_len", 64, "Tokens decoded per sequence.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for MFU (default: table).")
-
 # Dense bf16 peak FLOP/s per chip by `device_kind` (vendor datasheets, no sparsity).
 PEAK_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989e12,
@@ -52,9 +40,9 @@ PEAK_FLOPS = {
 }
 
 
-def _peak_flops(device: jax.Device) -> float | None:
-  if _PEAK.value:
-    return _PEAK.value * 1e12
+def _peak_flops(device: jax.Device, peak_tflops: float | None = None) -> float | None:
+  if peak_tflops:
+    return peak_tflops * 1e12
   kind = device.device_kind
   return PEAK_FLOPS.get(kind) or next(
       (v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
@@ -71,7 +59,7 @@ def _timed(fn, repeats: int) -> float:
 
 
 def bench_train_step(config, batch_size: int, vocab_size: int, steps: int,
-                     repeats: int) -> dict:
+                     repeats: int, peak_tflops: float | None = None) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   model = locca.make_model(config.model, vocab_size, config.input.seq_len)
   spec = train_step.make_state_spec(model, config, mesh)
@@ -94,7 +82,7 @@ def bench_train_step(config, batch_size: int, vocab_size: int, steps: int,
   seconds = _timed(run_steps, repeats) / steps
   device = jax.devices()[0]
   flops_per_image = flops_lib.train_flops_per_image(model, size, rows, seq_len)
-  peak = _peak_flops(device)
+  peak = _peak_flops(device, peak_tflops)
   img_per_sec = batch_size / seconds
   memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
   return dict(
@@ -139,21 +127,46 @@ def _table(result: dict) -> str:
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  if _TASKS.value == "cap":
+def _define_flags():
+  """The command's flags, defined only when run as a program (importing defines none)."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                             lock_config=False),
+      batch=flags.DEFINE_integer("batch", None,
+                                 "Global batch (default: config.input.batch_size)."),
+      tasks=flags.DEFINE_enum("tasks", "all", ["cap", "all"],
+                              "cap: one Cap row per image (CapPa-equal work); all: config's "
+                              "tasks."),
+      vocab_size=flags.DEFINE_integer("vocab_size", 32_000,
+                                      "Vocabulary size of the synthetic text."),
+      steps=flags.DEFINE_integer("steps", 10, "Train steps per timed repeat."),
+      repeats=flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported)."),
+      decode_batch=flags.DEFINE_integer("decode_batch", 8,
+                                        "Images per decoding batch (0: skip)."),
+      decode_len=flags.DEFINE_integer("decode_len", 64, "Tokens decoded per sequence."),
+      peak_tflops=flags.DEFINE_float("peak_tflops", None,
+                                     "Device peak TFLOP/s for MFU (default: table)."))
+
+
+def main(argv, flag_values):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  v = {k: f.value for k, f in flag_values.items()}
+  config = v["config"]
+  if v["tasks"] == "cap":
     config.input.tasks = ("cap",)
-  batch_size = _BATCH.value or config.input.batch_size
-  result = bench_train_step(config, batch_size, _VOCAB.value, _STEPS.value, _REPEATS.value)
-  if _DECODE_BATCH.value:
-    result.update(bench_decode(config, _DECODE_BATCH.value, _VOCAB.value, _DECODE_LEN.value,
-                               _REPEATS.value))
+  batch_size = v["batch"] or config.input.batch_size
+  result = bench_train_step(config, batch_size, v["vocab_size"], v["steps"], v["repeats"],
+                            v["peak_tflops"])
+  if v["decode_batch"]:
+    result.update(bench_decode(config, v["decode_batch"], v["vocab_size"], v["decode_len"],
+                               v["repeats"]))
   logging.info("jax %s on %s", jax.__version__, result["device"])
   print(_table(result))
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
+  _FLAGS = _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _FLAGS))
