@@ -403,3 +403,30 @@ def test_trainer_runs_the_evaluators_at_the_last_step_into_metrics_jsonl(trained
   # The same checkpointed params: the standalone CLI reports the same perplexity.
   cli = json.loads(trained["runs"]["cli"]["stdout"].strip().splitlines()[-1])
   assert evals[0]["perplexity/nll"] == pytest.approx(cli["perplexity/nll"], rel=1e-5)
+
+
+def test_perplexity_sums_in_pieces_equal_those_of_whole_logits():
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from locca_jax import sharding, train_step  # pylint: disable=g-import-not-at-top
+  from locca_jax.evaluators import perplexity  # pylint: disable=g-import-not-at-top
+  from locca_jax.models import locca  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir=None)
+  mesh = sharding.make_mesh(config.mesh)
+  model = locca.make_model(config.model, 50, config.input.seq_len)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0),
+                               *train_step.dummy_inputs(32, 3, 48))["params"])
+  rng = np.random.default_rng(0)
+  params["txt"]["head"]["kernel"] = rng.normal(
+      size=params["txt"]["head"]["kernel"].shape).astype(np.float32)
+  batch = sharding.global_batch(dict(
+      image=rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+      text=rng.integers(1, 50, (4, 3, 48)).astype(np.int32),
+      mask_loss=(rng.uniform(size=(4, 3, 48)) > 0.3).astype(np.float32),
+      mask_valid=np.array([1, 1, 1, 0], np.float32)), mesh)
+  whole = jax.device_get(perplexity.nll_sums(model, mesh, params, batch, 0))
+  pieces = jax.device_get(perplexity.nll_sums(model, mesh, params, batch, 12))
+  for got, want in zip(pieces, whole):
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert whole[2] == 3  # the padding row does not count

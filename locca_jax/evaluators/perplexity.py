@@ -23,11 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from locca_jax import sharding
 from locca_jax import static_arg
+from locca_jax import train_step
 from locca_jax.data import input_pipeline
 from locca_jax.data.sources import tfds_sources
 from locca_jax.evaluators import common
@@ -36,25 +36,31 @@ from locca_jax.models import decoder as decoder_lib
 FIELDS = ("image", "text", "mask_loss", "mask_valid")
 
 
-@functools.partial(jax.jit, static_argnames="static")
-def _sums_jit(params, batch, static):
+@functools.partial(jax.jit, static_argnames=("static", "chunk"))
+def _sums_jit(params, batch, static, chunk):
   text = batch["text"]
   tokens, self_mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
-  logits = static.model.apply({"params": params}, batch["image"], tokens, self_mask)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), text)
+  if chunk:  # as in training: never the whole [B, T, L, V] logits (large eval batches)
+    features = static.model.apply({"params": params}, batch["image"], tokens, self_mask,
+                                  features_only=True)
+    head = params["txt"]["head"]
+    nll = train_step.chunked_token_nll(features, head["kernel"], head.get("bias"), text, chunk)
+  else:
+    logits = static.model.apply({"params": params}, batch["image"], tokens, self_mask)
+    nll = train_step.token_nll(logits, text)
   weight = batch["mask_loss"] * batch["mask_valid"][:, None, None]
   nll = jnp.where(weight > 0, nll * weight, 0.0)  # padding never scores, even if not finite
   out = (nll.sum(axis=(0, 2)), weight.sum(axis=(0, 2)), batch["mask_valid"].sum())
   return jax.lax.with_sharding_constraint(out, NamedSharding(static.mesh, P()))
 
 
-def nll_sums(model, mesh, params, batch):
+def nll_sums(model, mesh, params, batch, chunk: int = 0):
   """(NLL sum [T], trained-token count [T], valid examples []) of a global batch, replicated.
 
-  Only tokens with mask_loss 1 in rows with mask_valid 1 count.
+  Only tokens with mask_loss 1 in rows with mask_valid 1 count. `chunk`: config.xent_chunk.
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return _sums_jit(params, batch, static_arg.StaticModel(model, mesh))
+    return _sums_jit(params, batch, static_arg.StaticModel(model, mesh), int(chunk))
 
 
 def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], list[dict]]:
@@ -74,7 +80,8 @@ def evaluate(ctx: common.Context, name: str, cfg) -> tuple[dict[str, float], lis
   num_examples = 0.0
   for batch in ds.as_numpy_iterator():
     glob = sharding.global_batch({k: batch[k] for k in FIELDS}, ctx.mesh)
-    s, c, n = jax.device_get(nll_sums(ctx.model, ctx.mesh, ctx.params, glob))
+    s, c, n = jax.device_get(nll_sums(ctx.model, ctx.mesh, ctx.params, glob,
+                                      ctx.config.get("xent_chunk", 0) or 0))
     nll_sum += s
     count += c
     num_examples += float(n)
