@@ -59,6 +59,17 @@ def chunked_token_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array | 
   return nll.transpose(1, 2, 0, 3).reshape(b, t, l)
 
 
+def model_token_nll(model: nn.Module, params, image: jax.Array, tokens: jax.Array,
+                    self_mask: jax.Array, text: jax.Array, chunk: int = 0) -> jax.Array:
+  """Per-token NLL [B, T, L] of `text` under the model: from whole logits (`chunk` 0) or
+  piecewise from the decoder's features (`chunked_token_nll`, `chunk` = config.xent_chunk)."""
+  if not chunk:
+    return token_nll(model.apply({"params": params}, image, tokens, self_mask), text)
+  features = model.apply({"params": params}, image, tokens, self_mask, features_only=True)
+  head = params["txt"]["head"]
+  return chunked_token_nll(features, head["kernel"], head.get("bias"), text, chunk)
+
+
 def compute_loss(logits: jax.Array, text: jax.Array, mask_loss: jax.Array,
                  task_names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Token cross-entropy averaged over all trained tokens, plus one mean per task."""
@@ -100,14 +111,8 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callabl
   def loss_fn(params, batch, rng):
     parallel = sample_parallel(rng, batch["text"].shape[0], task_names, fraction)
     tokens, self_mask = decoder_lib.decoder_inputs(batch["text"], parallel)
-    if chunk:
-      features = model.apply({"params": params}, batch["image"], tokens, self_mask,
-                             features_only=True)
-      head = params["txt"]["head"]
-      nll = chunked_token_nll(features, head["kernel"], head.get("bias"), batch["text"], chunk)
-    else:
-      logits = model.apply({"params": params}, batch["image"], tokens, self_mask)
-      nll = token_nll(logits, batch["text"])
+    nll = model_token_nll(model, params, batch["image"], tokens, self_mask, batch["text"],
+                          chunk)
     return masked_losses(nll, batch["mask_loss"], task_names)
   return loss_fn
 

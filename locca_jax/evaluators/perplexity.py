@@ -40,14 +40,9 @@ FIELDS = ("image", "text", "mask_loss", "mask_valid")
 def _sums_jit(params, batch, static, chunk):
   text = batch["text"]
   tokens, self_mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
-  if chunk:  # as in training: never the whole [B, T, L, V] logits (large eval batches)
-    features = static.model.apply({"params": params}, batch["image"], tokens, self_mask,
-                                  features_only=True)
-    head = params["txt"]["head"]
-    nll = train_step.chunked_token_nll(features, head["kernel"], head.get("bias"), text, chunk)
-  else:
-    logits = static.model.apply({"params": params}, batch["image"], tokens, self_mask)
-    nll = train_step.token_nll(logits, text)
+  # As in training: with `chunk`, never the whole [B, T, L, V] logits (large eval batches).
+  nll = train_step.model_token_nll(static.model, params, batch["image"], tokens, self_mask,
+                                   text, chunk)
   weight = batch["mask_loss"] * batch["mask_valid"][:, None, None]
   nll = jnp.where(weight > 0, nll * weight, 0.0)  # padding never scores, even if not finite
   out = (nll.sum(axis=(0, 2)), weight.sum(axis=(0, 2)), batch["mask_valid"].sum())
