@@ -343,6 +343,16 @@ def flag_line(path: str, value) -> str:
   return f'"{word}"' if not set(word) & set('"$`\\!') else shlex.quote(word)
 
 
+def _train_command(config_name: str, base, config, workdir: str) -> list[str]:
+  """The `python -m locca_jax.train` command running `config` (as overrides of `base`), one
+  flag per line, then the fields no flag can remove, as comments."""
+  overrides = override_lines(base, config)
+  return ([f"python -m locca_jax.train --config={config_name} \\"]
+          + [f"    {l} \\" for l in overrides if not l.startswith("#")]
+          + [f"    --workdir={workdir}", ""]
+          + [l for l in overrides if l.startswith("#")])
+
+
 def override_lines(base, config) -> list[str]:
   changed, removed = config_diff(base, config)
   lines = [flag_line(k, v) for k, v in sorted(changed.items())]
@@ -756,21 +766,13 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
   lines += ["## Shared settings and commands", "",
             f"Pretraining = `{BASE_CONFIG}` with these overrides (the scale, the seed, the "
             "test-split evaluators), then the arm's overrides; shown for "
-            f"`{arms[0]}`, seed {seeds[0]}:", "", "```",
-            f"python -m locca_jax.train --config={BASE_CONFIG} \\"]
-  lines += [f"    {l} \\" for l in override_lines(locca_b16.get_config("runlocal"), example)
-            if not l.startswith("#")]
-  lines += [f"    --workdir={example_dirs['pretrain']}", ""]
-  lines += [l for l in override_lines(locca_b16.get_config("runlocal"), example)
-            if l.startswith("#")]
+            f"`{arms[0]}`, seed {seeds[0]}:", "", "```"]
+  lines += _train_command(BASE_CONFIG, locca_b16.get_config("runlocal"), example,
+                          example_dirs["pretrain"])
   lines += ["```", "", f"Transfer = `{TRANSFER_CONFIG}` with (every arm alike; "
-            "`init_from.workdir` = that run's pretrain workdir):", "", "```",
-            f"python -m locca_jax.train --config={TRANSFER_CONFIG} \\"]
-  lines += [f"    {l} \\" for l in override_lines(refcoco.get_config("runlocal"), transfer)
-            if not l.startswith("#")]
-  lines += [f"    --workdir={example_dirs['transfer']}", ""]
-  lines += [l for l in override_lines(refcoco.get_config("runlocal"), transfer)
-            if l.startswith("#")]
+            "`init_from.workdir` = that run's pretrain workdir):", "", "```"]
+  lines += _train_command(TRANSFER_CONFIG, refcoco.get_config("runlocal"), transfer,
+                          example_dirs["transfer"])
   lines += ["```", "",
             "Probe (`locca_jax/evaluators/probe.py`, run by the study on the pretrain "
             "checkpoint; results appended to its metrics.jsonl as `probe/*`):", "", "```",
