@@ -53,6 +53,9 @@ def get_config(arg=None):
   c.model.dtype = "float32" if runlocal else "bfloat16"  # compute; params stay float32
   c.model.scan = not runlocal
   c.model.remat_policy = "none" if runlocal else "nothing_saveable"
+  # jax.nn.dot_product_attention backend: "auto" = cuDNN flash attention on GPU where it
+  # applies (bf16, head dim % 8 == 0, <= 128), XLA otherwise; or "xla" / "cudnn".
+  c.model.attention = "auto"
 
   # Cross-entropy over pieces of this many text positions, never the whole [B, T, L, V]
   # float32 logits (train_step.chunked_token_nll); 0: whole logits (small vocabularies).

@@ -18,4 +18,8 @@ if [[ ! -x .venv/bin/python ]]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -r requirements.txt
 fi
+if command -v nvidia-smi > /dev/null; then
+  # shellcheck source=launch/xla_gpu_env.sh
+  source launch/xla_gpu_env.sh
+fi
 .venv/bin/python -m locca_jax.train --config="${config}" --workdir="${workdir}" "$@"

@@ -209,7 +209,7 @@ def _rerun_stepper(model, params, visual) -> _Stepper:
   """Reference: the full (training-path) decoder over all S positions at every step."""
 
   def logits(state, seqs, i):
-    tokens, mask = decoder_lib.decoder_inputs(seqs, jnp.zeros(seqs.shape[:2], bool))
+    tokens, mask = decoder_lib.decoder_inputs(seqs)
     out = model.apply({"params": params}, tokens, visual, mask, method="decode")
     return jax.lax.dynamic_index_in_dim(out, i, 2, keepdims=False).astype(jnp.float32), state
 

@@ -89,11 +89,12 @@ def masked_losses(nll: jax.Array, mask_loss: jax.Array,
 
 
 def sample_parallel(rng: jax.Array, batch_size: int, task_names: Sequence[str],
-                    fraction: float) -> jax.Array:
-  """[B, T] bool: the Cap rows of a random `fraction` of images use parallel prediction."""
-  parallel = jnp.zeros((batch_size, len(task_names)), bool)
+                    fraction: float) -> jax.Array | None:
+  """[B, T] bool: the Cap rows of a random `fraction` of images use parallel prediction; None
+  when no row can (every row causal: `decoder_inputs` then builds no mask)."""
   if fraction <= 0 or "cap" not in task_names:
-    return parallel
+    return None
+  parallel = jnp.zeros((batch_size, len(task_names)), bool)
   chosen = jax.random.bernoulli(rng, fraction, (batch_size,))
   return parallel.at[:, list(task_names).index("cap")].set(chosen)
 

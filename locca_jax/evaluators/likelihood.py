@@ -42,7 +42,7 @@ def _row_ll_jit(params, visual, rows, weights, static):
   if rows.ndim == 2:  # [T, L]: the same rows for every image
     rows = jnp.broadcast_to(rows, (visual.shape[0],) + rows.shape)
     weights = jnp.broadcast_to(weights, rows.shape)
-  tokens, self_mask = decoder_lib.decoder_inputs(rows, jnp.zeros(rows.shape[:2], bool))
+  tokens, self_mask = decoder_lib.decoder_inputs(rows)
   logits = static.model.apply({"params": params}, tokens, visual, self_mask, method="decode")
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), rows)
   return -jnp.sum(jnp.where(weights > 0, nll * weights, 0.0), axis=-1)

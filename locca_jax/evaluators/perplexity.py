@@ -39,7 +39,7 @@ FIELDS = ("image", "text", "mask_loss", "mask_valid")
 @functools.partial(jax.jit, static_argnames=("static", "chunk"))
 def _sums_jit(params, batch, static, chunk):
   text = batch["text"]
-  tokens, self_mask = decoder_lib.decoder_inputs(text, jnp.zeros(text.shape[:2], bool))
+  tokens, self_mask = decoder_lib.decoder_inputs(text)
   # As in training: with `chunk`, never the whole [B, T, L, V] logits (large eval batches).
   nll = train_step.model_token_nll(static.model, params, batch["image"], tokens, self_mask,
                                    text, chunk)

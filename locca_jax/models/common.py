@@ -58,7 +58,14 @@ class MlpBlock(nn.Module):
 class Attention(nn.Module):
   """Multi-head attention through `jax.nn.dot_product_attention`.
 
-  `mask` is boolean, broadcastable to [B, H, Q, K], True where a query may attend.
+  `mask` is boolean, broadcastable to [B, H, Q, K], True where a query may attend;
+  `is_causal` (with `mask` None) is the causal mask, given as a flag so that fused kernels
+  apply it without materializing [Q, K].
+
+  `implementation` is `jax.nn.dot_product_attention`'s backend: "xla" (any device, any mask)
+  or "cudnn" (fused flash attention on NVIDIA GPUs: bf16/fp16, head dim a multiple of 8 and
+  <= 128; `attention_implementation` picks it where it applies). Cached decoding always uses
+  "xla": its per-step mask over the cache is a general mask.
 
   `kv_cache` selects autoregressive decoding with a "cache" variable collection (Flax idiom: the
   first call, made with the collection mutable and absent, creates it; later calls read and
@@ -77,9 +84,11 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   kv_cache: str = "none"  # "none" | "append" | "static", see above
   cache_len: int = 0  # C, for kv_cache="append"
+  implementation: str = "xla"  # "xla" | "cudnn", see above
 
   @nn.compact
-  def __call__(self, x_q, x_kv, mask=None):  # x_q: [B, Q, E], x_kv: [B, K, E]
+  def __call__(self, x_q, x_kv, mask=None, is_causal: bool = False):
+    # x_q: [B, Q, E], x_kv: [B, K, E]
     width = x_q.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -104,11 +113,18 @@ class Attention(nn.Module):
     else:
       k = constrain(proj("key", x_kv), names)
       v = constrain(proj("value", x_kv), names)
+    implementation = self.implementation
     if self.kv_cache == "append":
       k, v, mask = self._append_to_cache(k, v, mask)
+      is_causal, implementation = False, "xla"  # the cache mask carries causality
     elif self.kv_cache not in ("none", "static"):
       raise ValueError(f"kv_cache {self.kv_cache!r}: expected 'none', 'append' or 'static'")
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, Q, H, D]
+    if self.kv_cache != "none":
+      implementation = "xla"
+    if is_causal and mask is not None:
+      raise ValueError("Attention: pass either a mask or is_causal=True, not both")
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                       implementation=implementation)  # [B, Q, H, D]
     kernel = self.param("out_kernel", logical(
         nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
                                          out_axis=2), ("heads", "kv", "embed")),
@@ -143,6 +159,38 @@ class Attention(nn.Module):
     visible = (jnp.arange(self.cache_len) <= i)[None, None, None, :]  # [1, 1, 1, C]
     mask = visible if mask is None else mask & visible
     return cached_k.value, cached_v.value, mask
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(requested: str, *, backend: str, dtype: Dtype,
+                             head_dims: tuple[int, ...]) -> str:
+  """`config.model.attention` -> the backend every `Attention` of the model uses.
+
+  "auto" takes cuDNN's fused attention where it applies (a GPU backend, bf16/fp16 compute,
+  every head dim a multiple of 8 and <= 128) and XLA's otherwise; "cudnn" where it does not
+  apply is an error naming the reason, not a silent fallback.
+  """
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"model.attention {requested!r}: expected one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  if requested == "xla":
+    return "xla"
+  reasons = []
+  if backend != "gpu":
+    reasons.append(f"backend is {backend!r}, not 'gpu'")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    reasons.append(f"compute dtype is {jnp.dtype(dtype).name}, not bfloat16/float16")
+  bad = sorted({d for d in head_dims if d % 8 or d > 128})
+  if bad:
+    reasons.append(f"head dims {bad} are not multiples of 8 in [8, 128]")
+  if not reasons:
+    return "cudnn"
+  if requested == "cudnn":
+    raise ValueError("model.attention='cudnn' does not apply: " + "; ".join(reasons) +
+                     " (use 'auto' to fall back to 'xla' there)")
+  return "xla"
 
 
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:

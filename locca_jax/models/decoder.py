@@ -31,16 +31,21 @@ MASK_ID = -1  # parallel prediction input; mapped to a learned embedding, not pa
 ACT_BTLE = ("act_batch", None, "act_len", "act_embed")
 
 
-def decoder_inputs(text: jax.Array, parallel: jax.Array) -> tuple[jax.Array, jax.Array]:
+def decoder_inputs(text: jax.Array,
+                   parallel: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
   """Teacher-forcing inputs and self-attention mask.
 
   text: [B, T, L] int targets. parallel: [B, T] bool, rows trained with parallel prediction
   (CapPa): all their inputs become MASK_ID and their attention is bidirectional.
-  Returns tokens [B, T, L] and mask [B, T, L, L] (True = may attend).
+  Returns tokens [B, T, L] and mask [B, T, L, L] (True = may attend), or None without
+  `parallel`: every row causal, which the decoder applies as a flag (no [L, L] mask; cuDNN's
+  fused causal attention).
   """
   seq_len = text.shape[-1]
   shifted = jnp.pad(text[..., :-1], [(0, 0)] * (text.ndim - 1) + [(1, 0)],
                     constant_values=BOS_ID)
+  if parallel is None:
+    return shifted, None
   tokens = jnp.where(parallel[..., None], MASK_ID, shifted)
   causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
   mask = causal | parallel[..., None, None]
@@ -55,21 +60,27 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.float32
   decode: bool = False  # one token per call through the "cache" collection (module docstring)
   cache_len: int = 0  # self-attention cache length when decoding
+  attention: str = "xla"  # common.Attention.implementation
 
   @nn.compact
-  def __call__(self, x, visual, self_mask):  # x: [B,T,L,E] visual: [B,P,E] mask: [B,T,L,L]
+  def __call__(self, x, visual, self_mask):
+    # x: [B,T,L,E] visual: [B,P,E] self_mask: [B,T,L,L] or None (causal)
     b, t, l, e = x.shape
     y = common.layer_norm("ln_self", self.dtype)(x).reshape(b * t, l, e)
     # Decoding: causality comes from the cache index, self_mask is not used.
-    mask = None if self.decode else self_mask.reshape(b * t, 1, l, l)
+    if self.decode or self_mask is None:
+      mask, is_causal = None, not self.decode
+    else:
+      mask, is_causal = self_mask.reshape(b * t, 1, l, l), False
     y = common.Attention(self.num_heads, self.use_bias, self.dtype,
                          kv_cache="append" if self.decode else "none",
-                         cache_len=self.cache_len, name="self_attn")(y, y, mask=mask)
+                         cache_len=self.cache_len, implementation=self.attention,
+                         name="self_attn")(y, y, mask=mask, is_causal=is_causal)
     x = common.constrain(x + y.reshape(b, t, l, e), ACT_BTLE)
     y = common.layer_norm("ln_cross", self.dtype)(x).reshape(b, t * l, e)
     y = common.Attention(self.num_heads, self.use_bias, self.dtype,
-                         kv_cache="static" if self.decode else "none", name="cross_attn")(
-                             y, visual)
+                         kv_cache="static" if self.decode else "none",
+                         implementation=self.attention, name="cross_attn")(y, visual)
     x = common.constrain(x + y.reshape(b, t, l, e), ACT_BTLE)
     y = common.layer_norm("ln_mlp", self.dtype)(x)
     x = x + common.MlpBlock(self.mlp_dim, self.use_bias, self.dtype, name="mlp")(y)
@@ -79,8 +90,9 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
   """tokens [B,T,L] + visual [B,P,E] -> logits [B,T,L,V] (untied output embedding).
 
+  self_mask [B,T,L,L], or None: every row causal (`decoder_inputs` without `parallel`).
   With `decode=True`: tokens [B,T,1] -> logits [B,T,1,V], one position per call (see the
-  module docstring); self_mask may be None.
+  module docstring); self_mask is not used.
   """
   vocab_size: int
   width: int
@@ -93,6 +105,7 @@ class Decoder(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   decode: bool = False
+  attention: str = "xla"  # common.Attention.implementation
 
   @nn.compact
   def __call__(self, tokens, visual, self_mask, features_only: bool = False):
@@ -129,7 +142,7 @@ class Decoder(nn.Module):
                        remat_policy="none" if self.decode else self.remat_policy,
                        num_broadcast_args=2)
     x = run(lambda cls, name: cls(self.num_heads, self.mlp_dim, self.use_bias, self.dtype,
-                                  self.decode, self.max_len, name=name),
+                                  self.decode, self.max_len, self.attention, name=name),
             x, visual.astype(self.dtype), self_mask)
     x = common.layer_norm("decoder_norm", self.dtype)(x)
     if features_only:

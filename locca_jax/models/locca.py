@@ -10,15 +10,17 @@ cross-attend to the same visual tokens. Parameters live under `img/` (encoder, p
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
+from locca_jax.models import common
 from locca_jax.models import decoder as decoder_lib
 from locca_jax.models import vit
 
 
 class LocCa(nn.Module):
-  """image [B,H,W,3], tokens [B,T,L], self_mask [B,T,L,L] -> logits [B,T,L,V]."""
+  """image [B,H,W,3], tokens [B,T,L], self_mask [B,T,L,L] or None (causal) -> logits [B,T,L,V]."""
   encoder: dict[str, Any]  # kwargs of vit.ViT
   decoder: dict[str, Any]  # kwargs of decoder_lib.Decoder
 
@@ -52,13 +54,18 @@ def make_model(model_config: ml_collections.ConfigDict, vocab_size: int,
   enc_cfg = model_config.encoder
   enc = vit.decode_variant(enc_cfg.variant, **{
       k: enc_cfg.get(k) for k in ("width", "depth", "mlp_dim", "num_heads")})
-  enc.update(posemb=enc_cfg.get("posemb", "learn"), pool="none", dtype=dtype, scan=scan,
-             remat_policy=remat_policy)
   dec_cfg = model_config.decoder
   width = dec_cfg.get("width") or enc["width"]
+  dec_heads = dec_cfg.get("num_heads") or enc["num_heads"]
+  # One attention backend for the whole model; "auto" (the default) is cuDNN's fused kernel
+  # on GPUs where it applies (common.attention_implementation).
+  attention = common.attention_implementation(
+      model_config.get("attention", "auto"), backend=jax.default_backend(), dtype=dtype,
+      head_dims=(enc["width"] // enc["num_heads"], width // dec_heads))
+  enc.update(posemb=enc_cfg.get("posemb", "learn"), pool="none", dtype=dtype, scan=scan,
+             remat_policy=remat_policy, attention=attention)
   dec = dict(vocab_size=vocab_size, width=width, depth=dec_cfg.num_layers,
-             mlp_dim=dec_cfg.get("mlp_dim") or 4 * width,
-             num_heads=dec_cfg.get("num_heads") or enc["num_heads"], max_len=max_len,
-             use_bias=dec_cfg.get("use_bias", True), dtype=dtype, scan=scan,
-             remat_policy=remat_policy)
+             mlp_dim=dec_cfg.get("mlp_dim") or 4 * width, num_heads=dec_heads,
+             max_len=max_len, use_bias=dec_cfg.get("use_bias", True), dtype=dtype, scan=scan,
+             remat_policy=remat_policy, attention=attention)
   return LocCa(encoder=enc, decoder=dec)

@@ -43,11 +43,13 @@ class EncoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  attention: str = "xla"  # common.Attention.implementation
 
   @nn.compact
   def __call__(self, x):  # x: [B, P, E]
     y = common.layer_norm("ln_attn", self.dtype)(x)
-    x = x + common.Attention(self.num_heads, dtype=self.dtype, name="attn")(y, y)
+    x = x + common.Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                             name="attn")(y, y)
     y = common.layer_norm("ln_mlp", self.dtype)(x)
     x = x + common.MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
     return common.constrain(x, common.ACT_BTE)
@@ -65,6 +67,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = False
   remat_policy: str = "none"
+  attention: str = "xla"  # common.Attention.implementation
 
   @nn.compact
   def __call__(self, image):
@@ -88,7 +91,8 @@ class ViT(nn.Module):
 
     run = common.stack(EncoderBlock, self.depth, scan=self.scan,
                        remat_policy=self.remat_policy, num_broadcast_args=0)
-    x = run(lambda cls, name: cls(self.num_heads, self.mlp_dim, self.dtype, name=name), x)
+    x = run(lambda cls, name: cls(self.num_heads, self.mlp_dim, self.dtype, self.attention,
+                                  name=name), x)
     x = common.layer_norm("encoder_norm", self.dtype)(x)
     if self.pool == "gap":
       return x.mean(axis=1)
