@@ -218,6 +218,11 @@ def make_schedule(config: ml_collections.ConfigDict) -> Schedule:
   return lambda step: jnp.asarray(fn(step), jnp.float32)
 
 
+# Weight decay on kernels only: Dense / Conv `kernel` and the attention's `{query,key,value,
+# out}_kernel`; not biases, LayerNorm scales, embeddings or position embeddings.
+DEFAULT_WD_MULTS = ((r".*(/|_)kernel", 1.0),)
+
+
 def make(config: ml_collections.ConfigDict,
          params: PyTree) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the optimizer and its schedule from the training config.
@@ -225,7 +230,8 @@ def make(config: ml_collections.ConfigDict,
   Args:
     config: the training config; reads `lr`, `wd`, `grad_clip_norm`,
       `schedule`, `total_steps`, `optax` (kwargs of `scale_by_adafactor`) and,
-      optionally, `wd_mults` (default `((".*/kernel$", 1.0),)`), `lr_mults`
+      optionally, `wd_mults` (default `DEFAULT_WD_MULTS`: every kernel, incl. the
+      attention's `query_kernel` ... `out_kernel`), `lr_mults`
       and `frozen` (see the module docstring).
     params: the parameter tree, or its `jax.eval_shape`; may hold
       `nn.LogicallyPartitioned` boxes. Only its structure and paths are used.
@@ -267,8 +273,7 @@ def make(config: ml_collections.ConfigDict,
 
   wd = float(config.get("wd", 0.0) or 0.0)
   if wd:
-    wd_rules = _rules(config.get("wd_mults", ((".*/kernel$", 1.0),)),
-                      "config.wd_mults")
+    wd_rules = _rules(config.get("wd_mults", DEFAULT_WD_MULTS), "config.wd_mults")
     for (_, mult), mask in zip(wd_rules, masks(wd_rules, "config.wd_mults")):
       if mult:
         txs.append(optax.add_decayed_weights(wd * mult, mask))

@@ -239,6 +239,20 @@ def test_weight_decay_is_scheduled_and_touches_kernels_only():
   assert np.abs(got[3]["img/Dense_0/kernel"]).max() > 0
 
 
+def test_default_weight_decay_reaches_the_attention_kernels_and_nothing_else():
+  shapes = {"img/layer_0/attn/query_kernel": (8, 2, 4), "img/layer_0/attn/out_kernel": (2, 4, 8),
+            "img/layer_0/attn/query_bias": (2, 4), "img/embedding/kernel": (2, 2, 3, 8),
+            "img/pos_embedding": (1, 4, 8), "txt/embedding/embedding": (30, 8),
+            "txt/mask_embedding": (8,), "txt/ln_self/scale": (8,)}
+  rng = np.random.default_rng(0)
+  params = {k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+  zeros = [{k: np.zeros_like(v) for k, v in params.items()}] * 3
+  got, _, _ = _run(_config(grad_clip_norm=None, lr_mults=()), params, zeros)
+  decayed = {k for k, u in got[2].items() if np.abs(u).max() > 0}
+  assert decayed == {"img/layer_0/attn/query_kernel", "img/layer_0/attn/out_kernel",
+                     "img/embedding/kernel"}
+
+
 @pytest.mark.parametrize("decay_type, extra, expected", [
     # warmup 10 of total 110: s = step - 10 runs over n = 100 decay steps.
     ("cosine", {}, {0: 0.0, 5: 0.5, 10: 1.0, 35: 0.5 * (1 + math.cos(math.pi / 4)),

@@ -100,7 +100,8 @@ def write_dataset(data_dir, num, image_size, quality=90, noise=0.0):
   return DATASET
 
 
-def bench_config(data_dir, name, *, image_size, batch, shuffle_buffer, crop=None):
+def bench_config(data_dir, name, *, image_size, batch, shuffle_buffer, crop=None,
+                 shuffle_block=1):
   """The training input config timed as "pipeline" (the locca_b16 input recipe at this size,
   with the locca_shapes SentencePiece model)."""
   return ml_collections.ConfigDict(dict(
@@ -109,7 +110,7 @@ def bench_config(data_dir, name, *, image_size, batch, shuffle_buffer, crop=None
           data=dict(name=name, split="train", data_dir=data_dir), batch_size=batch,
           image_size=image_size, resize="squash", crop=crop, seq_len=64,
           tasks=("cap", "aref", "gcap"), prefixes=dict(cap="cap:", aref="aref:", gcap="gcap:"),
-          shuffle_buffer=shuffle_buffer,
+          shuffle_buffer=shuffle_buffer, shuffle_block=shuffle_block,
           tokenizer=dict(sp_model="locca_jax/assets/locca_shapes_sp.model", box_codec="text",
                          bins=500, box_order="xmin ymin xmax ymax"))))
 
@@ -137,7 +138,7 @@ def _time(make_dataset, num_batches, batch, repeats):
 
 
 def run(*, num, image_size=224, batch=64, quality=90, noise=0.0, shuffle_buffer=1000,
-        repeats=3, workdir=None):
+        shuffle_block=1, repeats=3, workdir=None):
   """Writes the data and times every stage. Returns dict(rows={stage: images/s}, ratio, ...)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -148,7 +149,8 @@ def run(*, num, image_size=224, batch=64, quality=90, noise=0.0, shuffle_buffer=
   if workdir is None:
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
       return run(num=num, image_size=image_size, batch=batch, quality=quality, noise=noise,
-                 shuffle_buffer=shuffle_buffer, repeats=repeats, workdir=tmp)
+                 shuffle_buffer=shuffle_buffer, shuffle_block=shuffle_block,
+                 repeats=repeats, workdir=tmp)
   data_dir = os.path.join(workdir, f"{num}x{image_size}px_q{quality}_noise{noise:g}")
   name = write_dataset(data_dir, num, image_size, quality, noise)
   builder = tfds.builder(name, data_dir=data_dir)
@@ -170,7 +172,8 @@ def run(*, num, image_size=224, batch=64, quality=90, noise=0.0, shuffle_buffer=
 
   def pipeline(crop, shuffle):
     config = bench_config(data_dir, name, image_size=image_size, batch=batch,
-                          shuffle_buffer=shuffle, crop=crop)
+                          shuffle_buffer=shuffle, crop=crop,
+                          shuffle_block=shuffle_block if shuffle else 1)
     return input_pipeline.make_train_dataset(config, tok, process_index=0, process_count=1,
                                              with_counters=True)
 
@@ -192,7 +195,8 @@ def run(*, num, image_size=224, batch=64, quality=90, noise=0.0, shuffle_buffer=
                                            num_batches, batch, 1))
   return dict(rows=rows, ratio={k: v / rows["decode+resize"] for k, v in rows.items()},
               num=num, image_size=image_size, batch=batch, quality=quality, noise=noise,
-              mean_jpeg_bytes=jpeg_bytes, shuffle_buffer=shuffle_buffer, repeats=repeats)
+              mean_jpeg_bytes=jpeg_bytes, shuffle_buffer=shuffle_buffer,
+              shuffle_block=shuffle_block, repeats=repeats)
 
 
 def machine():
@@ -228,6 +232,8 @@ def _define_flags():
       noise=flags.DEFINE_float("noise", 0.0,
                                "Std of Gaussian pixel noise added (0: flat shapes)."),
       shuffle_buffer=flags.DEFINE_integer("shuffle_buffer", 1000, "Pipeline shuffle buffer."),
+      shuffle_block=flags.DEFINE_integer("shuffle_block", 1,
+                                         "config.input.shuffle_block of the shuffled stages."),
       repeats=flags.DEFINE_integer("repeats", 3, "Timed passes per stage (best is reported)."),
       workdir=flags.DEFINE_string("workdir", None,
                                   "Where to write the data (default: a temp dir)."),
