@@ -33,6 +33,9 @@ def get_config(arg=None):
                       aref=dict(prefix=False, caption=True, box=True),
                       gcap=dict(prefix=False, box=True, caption=True))
   c.input.shuffle_buffer = 2_000 if runlocal else 50_000
+  # Shuffle 50k examples in blocks of 64 (input_pipeline._shuffle): a per-example shuffle
+  # of that size caps the input at ~280 images/s per process (docs/PERFORMANCE.md).
+  c.input.shuffle_block = 1 if runlocal else 64
   c.input.tokenizer = dict(
       sp_model="locca_jax/assets/locca_shapes_sp.model" if runlocal else "gs://t5-data/vocabs/cc_en.32000/sentencepiece.model",
       box_codec="text", bins=500, box_order="xmin ymin xmax ymax")
