@@ -11,8 +11,8 @@ Images: 64 px grey, one red square of side 6-15 px at a random place; target: it
          reading out at ":" exactly as ARef does
 
   python docs/experiments/readout_toy.py MODE [STEPS]
-Measured (2-core CPU, 600 steps; docs/RESULTS.md, issue 5 note): flat 1.00 (0.98 at 300),
-pool 1.00, block 0.91, dec1 0.15, dec2 0.32.
+Measured (2-core CPU, 600 steps, deterministic; docs/experiments/README.md): flat 1.00 (0.98
+at step 300), pool 1.00, block 0.91, dec1 0.15, dec2 0.32.
 """
 import sys
 

@@ -67,5 +67,6 @@ def make_model(model_config: ml_collections.ConfigDict, vocab_size: int,
   dec = dict(vocab_size=vocab_size, width=width, depth=dec_cfg.num_layers,
              mlp_dim=dec_cfg.get("mlp_dim") or 4 * width, num_heads=dec_heads,
              max_len=max_len, use_bias=dec_cfg.get("use_bias", True), dtype=dtype, scan=scan,
-             remat_policy=remat_policy, attention=attention)
+             remat_policy=remat_policy, attention=attention,
+             head_zeroinit=bool(dec_cfg.get("head_zeroinit", True)))
   return LocCa(encoder=enc, decoder=dec)
