@@ -89,7 +89,8 @@ def bench_train_step(config, batch_size: int, vocab_size: int, steps: int,
       device=device.device_kind, num_devices=jax.device_count(), batch=batch_size,
       rows_per_image=rows, seq_len=seq_len, image_size=size, vocab_size=vocab_size,
       dtype=config.model.dtype, remat=config.model.remat_policy, scan=config.model.scan,
-      attention=model.encoder["attention"], step_ms=seconds * 1e3, img_per_sec=img_per_sec, gflop_per_image=flops_per_image / 1e9,
+      attention=model.encoder["attention"], step_ms=seconds * 1e3, img_per_sec=img_per_sec,
+      gflop_per_image=flops_per_image / 1e9,
       mfu=(img_per_sec * flops_per_image / (peak * jax.device_count())) if peak else None,
       peak_memory_gib=memory / 2**30 if memory else None)
 

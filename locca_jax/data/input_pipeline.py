@@ -302,9 +302,9 @@ def _shuffle(ds, buffer: int, block: int, seed: int):
   `block` 1: tf.data's shuffle over `buffer` examples. `block` > 1: shuffles blocks of `block`
   consecutive examples (a buffer of `buffer // block` blocks), then examples within a window of
   2 blocks. With symbolic checkpointing a shuffle pays ~70 ns per buffered element for every
-  element it yields (docs/PERFORMANCE.md), so a 50k-example buffer costs ~3.5 ms per example
-  (~280 images/s per process, whatever the cores); in blocks of 64 the same window costs
-  ~60 ns per example. What it gives up: examples adjacent in the source stay near each other
+  element it yields, so a 50k-example buffer caps one core at ~280 images/s; in blocks of 64
+  the same buffer gives 533 (567 without shuffle; docs/PERFORMANCE.md, measured with
+  bench_input). What it gives up: examples adjacent in the source stay near each other
   (within a batch or two), harmless for sources shuffled when written (TFDS, tfrecord shards
   written in random order) and worth avoiding for sources sorted by anything.
   """

@@ -116,11 +116,11 @@ class Attention(nn.Module):
     implementation = self.implementation
     if self.kv_cache == "append":
       k, v, mask = self._append_to_cache(k, v, mask)
-      is_causal, implementation = False, "xla"  # the cache mask carries causality
+      is_causal = False  # the cache mask carries causality
     elif self.kv_cache not in ("none", "static"):
       raise ValueError(f"kv_cache {self.kv_cache!r}: expected 'none', 'append' or 'static'")
     if self.kv_cache != "none":
-      implementation = "xla"
+      implementation = "xla"  # decoding: see the class docstring
     if is_causal and mask is not None:
       raise ValueError("Attention: pass either a mask or is_causal=True, not both")
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,

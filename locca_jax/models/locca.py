@@ -20,7 +20,8 @@ from locca_jax.models import vit
 
 
 class LocCa(nn.Module):
-  """image [B,H,W,3], tokens [B,T,L], self_mask [B,T,L,L] or None (causal) -> logits [B,T,L,V]."""
+  """image [B,H,W,3], tokens [B,T,L], self_mask [B,T,L,L] or None (all rows causal)
+  -> logits [B,T,L,V]."""
   encoder: dict[str, Any]  # kwargs of vit.ViT
   decoder: dict[str, Any]  # kwargs of decoder_lib.Decoder
 
