@@ -68,7 +68,7 @@ def bench_train_step(config, batch_size: int, vocab_size: int, steps: int,
   size, seq_len, rows = config.input.image_size, config.input.seq_len, len(config.input.tasks)
   rng = np.random.default_rng(0)
   batch = sharding.global_batch(dict(
-      image=rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
+      image=rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),  # as the pipeline
       text=rng.integers(2, vocab_size, (batch_size, rows, seq_len)).astype(np.int32),
       mask_loss=np.ones((batch_size, rows, seq_len), np.float32)), mesh)
 

@@ -453,7 +453,7 @@ def decode(model, params, images, prompts, prompt_lens, *, max_len: int, eos_id:
 
   Args:
     model: a `models.locca.LocCa` (e.g. from `make_model`); params: its parameters.
-    images: float [B, H, W, 3], as the model was trained on (e.g. in [-1, 1]).
+    images: [B, H, W, 3] uint8 pixels or float in [-1, 1] (`models.vit.ViT`).
     prompts: int [B, Lp], right-padded with 0; prompt_lens: int [B] (0 = start from BOS).
     max_len: new tokens N per example; Lp + N (or longest prompt + N) <= the decoder's
       max_len.

@@ -81,7 +81,7 @@ def train_step_memory(config, mesh, batch_size: int, vocab_size: int) -> dict:
   size, rows, seq_len = config.input.image_size, len(config.input.tasks), config.input.seq_len
   batch_sh = sharding.batch_sharding(mesh)
   batch = dict(
-      image=jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32, sharding=batch_sh),
+      image=jax.ShapeDtypeStruct((batch_size, size, size, 3), np.uint8, sharding=batch_sh),
       text=jax.ShapeDtypeStruct((batch_size, rows, seq_len), np.int32, sharding=batch_sh),
       mask_loss=jax.ShapeDtypeStruct((batch_size, rows, seq_len), np.float32,
                                      sharding=batch_sh))

@@ -12,7 +12,7 @@ The CLI prints one JSON object on stdout and, with --out, draws the box and text
 
 An image is a path, a PIL image or a uint8 [H, W, 3] array of any size and aspect. It goes
 through the evaluators' preprocessing (`preprocess.preprocess_example`: config.input.resize
-"squash" or "letterbox", value range [-1, 1]). Boxes given and returned are `[xmin, ymin,
+"squash" or "letterbox", uint8 pixels). Boxes given and returned are `[xmin, ymin,
 xmax, ymax]` in pixels of the ORIGINAL image; the mapping to and from the model input (the
 letterbox padding undone) is a `Frame`, measured by pushing the unit box through the same
 preprocessing, and the pixel conversions are those of `locca_jax.boxes`.
@@ -162,7 +162,7 @@ def preprocess_image(image: np.ndarray, image_size: int, resize: str = "squash",
                      box_xyxy_pixels=None):
   """uint8 [H, W, 3] (+ a pixel box) through `preprocess.preprocess_example`, as in eval.
 
-  Returns (model image float32 [S, S, 3] in [-1, 1], Frame, the box as normalized yxyx of the
+  Returns (model image uint8 [S, S, 3], Frame, the box as normalized yxyx of the
   model input (clipped, as in eval) or None). Raises ValueError when the box has no area
   inside the image.
   """

@@ -2,7 +2,7 @@
 
 B: batch (images), T: task sequences per image, L: text length, V: vocabulary.
 
-A batch is a dict: `image` [B, H, W, 3] float in [-1, 1], `text` [B, T, L] int targets,
+A batch is a dict: `image` [B, H, W, 3] uint8 pixels or float in [-1, 1] (`models.vit.ViT`), `text` [B, T, L] int targets,
 `mask_loss` [B, T, L] float (1 where a token is trained). Row t of `text` is task
 `config.input.tasks[t]`.
 """

@@ -38,7 +38,9 @@ def _config(path, crop, tasks=("aref", "gcap")):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   d = tmp_path_factory.mktemp("crop")
-  image = np.full([H, W, 3], 100, np.uint8)
+  # A gradient, so that a crop changes the (uint8) pixels the model gets.
+  yy, xx = np.mgrid[:H, :W]
+  image = np.repeat((yy + xx).astype(np.uint8)[..., None], 3, axis=-1)
   Image.fromarray(image).save(d / "a.jpg", format="JPEG")
   regions = [{"box": list(b), "text": t} for t, b in REGIONS.items()]
   with open(d / "train.jsonl", "w") as f:

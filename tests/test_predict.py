@@ -48,16 +48,16 @@ def test_pixel_box_to_model_input_and_back_matches_the_hand_computation(height, 
   np.testing.assert_allclose(fr.to_pixels([0, 0, 1, 1]), [0, 0, width, height], atol=1e-9)
 
 
-def test_preprocess_image_maps_a_box_as_the_frame_does_and_pads_letterbox_with_minus_one():
+def test_preprocess_image_maps_a_box_as_the_frame_does_and_pads_letterbox_with_zeros():
   image = np.full((H, W, 3), 200, np.uint8)
   box = [100.0, 50.0, 300.0, 200.0]
   out, fr, model_box = predict.preprocess_image(image, 32, "letterbox", box)
   np.testing.assert_allclose(model_box, fr.to_model(box), rtol=1e-6)
-  assert out.shape == (32, 32, 3) and out.dtype == np.float32
-  # 427 x 640 -> 21 x 32 rows, padded 5 above and 6 below with value 0 -> -1.
-  np.testing.assert_allclose(out[:5], -1.0)
-  np.testing.assert_allclose(out[-6:], -1.0)
-  np.testing.assert_allclose(out[5:-6], 200 / 127.5 - 1, rtol=1e-5)
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+  # 427 x 640 -> 21 x 32 rows, padded 5 above and 6 below with pixel value 0 (-1 in the model).
+  np.testing.assert_array_equal(out[:5], 0)
+  np.testing.assert_array_equal(out[-6:], 0)
+  np.testing.assert_array_equal(out[5:-6], 200)
   with pytest.raises(ValueError, match=r"no area inside the 640x427 image"):
     predict.preprocess_image(image, 32, "letterbox", [700, 10, 800, 20])
 

@@ -66,9 +66,20 @@ def test_non_finite_boxes_never_get_through():
   assert kept_texts.numpy().tolist() == [b"b", b"c"]
 
 
-def test_value_range_maps_uint8_to_minus_one_one():
-  x = preprocess.value_range(tf.constant([0, 255, 127.5]))
-  np.testing.assert_allclose(x.numpy(), [-1.0, 1.0, 0.0], atol=1e-6)
+def test_to_pixels_rounds_to_the_nearest_integer_and_keeps_the_ends():
+  x = np.array([0.0, -1e-4, 0.49, 0.51, 127.5, 254.6, 255.0, 255.0 + 1e-4], np.float32)
+  np.testing.assert_array_equal(preprocess.to_pixels(tf.constant(x)).numpy(),
+                                [0, 0, 0, 1, 128, 255, 255, 255])
+
+
+def test_resize_then_to_pixels_matches_a_float64_resize_within_half_a_level():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 53, 3)).astype(np.uint8)
+  resized, _ = preprocess.resize_image_and_boxes(tf.constant(image), tf.zeros([0, 4]), 24)
+  reference = tf.image.resize(tf.constant(image, tf.float64), [24, 24], antialias=True).numpy()
+  pixels = preprocess.to_pixels(resized).numpy()
+  assert pixels.dtype == np.uint8 and 0.0 <= reference.min() and reference.max() <= 255.0
+  assert np.abs(pixels - reference).max() <= 0.5 + 1e-3
 
 
 def test_preprocess_example_decodes_png_and_keeps_refexps_aligned():
@@ -79,8 +90,9 @@ def test_preprocess_example_decodes_png_and_keeps_refexps_aligned():
       objects=dict(bbox=tf.constant([[0.25, 0.25, 0.75, 0.75], [0.5, 0.5, 0.5, 0.8]]),
                    refexp=tf.constant(["the white box", "a line"])))
   out = preprocess.preprocess_example(example, image_size=32, resize="letterbox")
-  assert out["image"].shape == (32, 32, 3) and out["image"].dtype == tf.float32
-  assert -1.0 <= float(tf.reduce_min(out["image"])) and float(tf.reduce_max(out["image"])) <= 1.0
+  assert out["image"].shape == (32, 32, 3) and out["image"].dtype == tf.uint8
+  # 40x80 -> 16x32 centred: rows 0-7 and 24-31 are padding (0); the white box is 255.
+  assert int(tf.reduce_max(out["image"][:8])) == 0 and int(tf.reduce_max(out["image"])) == 255
   assert out["refexps"].numpy().tolist() == [b"the white box"]
   # 40x80 -> 16x32 centred in 32x32: y offset 8 px, y scale 0.5.
   np.testing.assert_allclose(out["boxes"].numpy(), [[(8 + 4) / 32, 0.25, (8 + 12) / 32, 0.75]],
@@ -165,7 +177,7 @@ def test_cropped_and_resized_image_shows_the_rectangle_where_its_box_says(fmt):
                    objects=dict(bbox=tf.constant(box[None]), refexp=tf.constant(["red"])))
     out = preprocess.preprocess_example(example, size, "squash", crop=opts, seed=[s, 2])
     assert out["boxes"].shape[0] == 1   # kept, or the uncropped image if the crop missed it
-    pixels = (out["image"].numpy() + 1.0) * 127.5
+    pixels = out["image"].numpy().astype(np.float64)
     red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80)
     ys, xs = np.nonzero(red)
     measured = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float64)

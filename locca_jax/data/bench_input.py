@@ -14,7 +14,7 @@ pass over the `num` images, each stage on a fresh iterator, the first batch excl
                       float32) of the JPEG bytes held in memory, batched: the reference
   read+decode+resize  the same, reading the TFRecords
   pipeline, no shuffle  input_pipeline.make_train_dataset as the trainer uses it (read, check
-                      and count, decode, resize, value range, task draws, batch, tokenize,
+                      and count, decode, resize, uint8 pixels, task draws, batch, tokenize,
                       Cap/ARef/GCap rows), with shuffle_buffer=0
   pipeline            the same with `--shuffle_buffer` (default 1000)
   pipeline+crop       the same with config.input.crop = dict(kind="inception")

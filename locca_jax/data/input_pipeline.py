@@ -2,7 +2,7 @@
 
 Train (infinite, shuffled, checkpointable):
   it = make_train_iterator(config, tokenizer, process_index=i, process_count=n)
-  batch = next(it)   # image float32 [b, S, S, 3] in [-1, 1], text int32 [b, T, L],
+  batch = next(it)   # image uint8 [b, S, S, 3] (pixels), text int32 [b, T, L],
                      # mask_loss float32 [b, T, L]; b = config.input.batch_size // n
   it.tf_iterator     # the tf.data iterator; saved with iterator_checkpoint.IteratorSave(it)
   it.data_metrics()  # {"data/<source>/<parse|stream>/<reason>": count} of skipped records
@@ -368,7 +368,7 @@ def make_train_dataset(config, tokenizer, *, process_index=None, process_count=N
                        extra_fields=(), with_counters=False, made_sources=None):
   """Infinite, shuffled, batched tf.data.Dataset of this process's part of the train data.
 
-  Elements: dict(image float32 [b, S, S, 3], text int32 [b, T, L], mask_loss float32 [b, T, L])
+  Elements: dict(image uint8 [b, S, S, 3] (the model maps it to [-1, 1]), text int32 [b, T, L], mask_loss float32 [b, T, L])
   with b = config.input.batch_size // process_count; `extra_fields` adds fields of the task
   output ("truncated": int32 [b, T]), of the common example ("image/id", "record", "seed":
   the example's stateless seed int64 [b, 2], from which its crop and task draws follow) or

@@ -120,7 +120,8 @@ def _wrap(text, font, width):
 
 
 def render_grid(images, examples, *, cols, cell, text_height):
-  """images float [n, S, S, 3] in [-1, 1] + `describe` output -> PIL RGB grid image."""
+  """images [n, S, S, 3] (uint8 pixels, or float in [-1, 1]) + `describe` output -> PIL RGB grid
+  image."""
   n = len(examples)
   rows = -(-n // cols)
   tile_h = cell + text_height
@@ -130,7 +131,9 @@ def render_grid(images, examples, *, cols, cell, text_height):
   width = cell - 4
   for i, ex in enumerate(examples):
     ox, oy = (i % cols) * cell, (i // cols) * tile_h
-    pixels = np.clip(np.round((images[i] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    pixels = images[i]
+    if pixels.dtype != np.uint8:
+      pixels = np.clip(np.round((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
     grid.paste(Image.fromarray(pixels).resize((cell, cell), Image.NEAREST), (ox, oy))
     for task in ("aref", "gcap"):
       if task in ex["boxes"]:

@@ -7,7 +7,7 @@ coco_captions, ref_coco, ...; jsonl, coco_json, vg files), read as in
 `input_pipeline.make_eval_dataset`: each process reads its own part (TFDS:
 `tfds.split_for_jax_process`; files: record r on process r % n), records are cleaned without
 skipping any (bad regions / captions dropped) and preprocessed exactly as in training
-(`preprocess.preprocess_example`: resize, value range, boxes in the model-input frame). An
+(`preprocess.preprocess_example`: resize, uint8 pixels, boxes in the model-input frame). An
 element is one image (`examples(..., per_object=False)`) or one region of an image
 (`per_object=True`: the image repeated for each of its regions). Batches are padded with
 all-zero rows carrying `mask_valid` 0, and a process keeps yielding padding until every process

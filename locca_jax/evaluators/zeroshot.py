@@ -20,7 +20,7 @@ Labels (`label_key`):
   a ClassLabel feature of a TFDS dataset (default "label": cifar10, imagenet2012, ...): class
     names are `builder.info.features[label_key].names`, unless `class_names` (the same number)
     replaces them (e.g. readable names for WordNet ids). The `image` feature is decoded and
-    preprocessed as in training (resize to config.input.image_size, value range).
+    preprocessed as in training (resize to config.input.image_size, uint8 pixels).
   "num_objects": the number of regions of the image (as the other evaluators read them:
     `common.examples`, after cleaning), for any data spec; class i means "i regions", so
     `class_names` is required, one name per count 0, 1, ..., C-1 (an image with C or more

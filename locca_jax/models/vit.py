@@ -56,7 +56,11 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
-  """Image [B, Hi, Wi, 3] -> visual tokens [B, P, E] (pool="none") or [B, E] (pool="gap")."""
+  """Image [B, Hi, Wi, 3] -> visual tokens [B, P, E] (pool="none") or [B, E] (pool="gap").
+
+  The image is uint8 pixels (what the input pipelines yield; mapped to [-1, 1] here, fused into
+  the jitted step) or a float image already in [-1, 1].
+  """
   width: int
   depth: int
   mlp_dim: int
@@ -72,6 +76,8 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, image):
     p = self.patch_size
+    if image.dtype == jnp.uint8:
+      image = image.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="embedding",
                 kernel_init=common.logical(nn.initializers.lecun_normal(),
