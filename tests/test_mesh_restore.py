@@ -99,8 +99,9 @@ def test_state_restores_onto_another_mesh_and_fsdp_shards_optimizer_state(tmp_pa
   assert out["big_opt_leaves"] > 0
   assert out["big_opt_leaves_sharded"] == out["big_opt_leaves"]
 
-  # Per device: the batch is split 8 ways on both meshes; 32 px images, 3 rows x 48 tokens.
-  batch_shard = (8 // 8) * (32 * 32 * 3 * 4 + 2 * 3 * 48 * 4)
+  # Per device: the batch is split 8 ways on both meshes; 32 px uint8 images, 3 rows x 48
+  # tokens (int32 text, float32 mask_loss).
+  batch_shard = (8 // 8) * (32 * 32 * 3 * 1 + 2 * 3 * 48 * 4)
   data, fsdp = out["data"], out["fsdp"]
   assert data["state"] == data["state_replicated"]  # data parallel: every device holds it all
   # XLA may drop a few unused bytes of an argument (e.g. a scalar), hence the 1% slack.
