@@ -75,6 +75,9 @@ def get_config(arg=None):
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
 
   c.log_every = 10 if runlocal else 100
+  # Dispatched train steps that may still be running (train.StepsInFlight): bounds the
+  # device memory held by queued batches; the host prepares the next batch meanwhile.
+  c.steps_in_flight = 2
   c.ckpt_every = 200 if runlocal else 1000
   c.keep_ckpts = 2
 

@@ -5,6 +5,7 @@ r"""Trains any config of this project: LocCa, Cap, CapPa (one trainer).
 Rerunning the same command on the same workdir resumes from the latest checkpoint and
 continues the identical sequence of batches.
 """
+import collections
 import logging as std_logging
 import math
 import os
@@ -34,6 +35,30 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, Ten
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes).")
+
+
+class StepsInFlight:
+  """Bounds how many dispatched train steps may still be running on the device.
+
+  JAX dispatches steps asynchronously, so between two logging steps the loop would otherwise
+  run ahead without bound, each queued step holding its batch (and its outputs) in device
+  memory. `push(x)` after dispatching a step records a small output of it and waits until the
+  step `limit` pushes back is done: the device always has the next `limit` steps queued (no
+  idle gap), while the host reads and transfers the next batch during the device's compute.
+  The input iterator advances exactly once per dispatched step, so checkpoints (and resume)
+  are unchanged. `limit` 0: wait for every step (synchronous).
+  """
+
+  def __init__(self, limit: int):
+    if limit < 0:
+      raise ValueError(f"config.steps_in_flight={limit}: expected >= 0")
+    self.limit = limit
+    self._queue = collections.deque()
+
+  def push(self, value):
+    self._queue.append(value)
+    while len(self._queue) > self.limit:
+      jax.block_until_ready(self._queue.popleft())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -77,10 +102,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     end = min(end, start + steps_this_run)
   # A failure (an evaluator, a NaN, Ctrl-C) still lets the checkpoint being written finish, so
   # the rerun resumes from it instead of from the one before.
+  in_flight = StepsInFlight(int(config.get("steps_in_flight", 2)))
   try:
     for step in range(start + 1, end + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = step_fn(state, batch)
+      in_flight.push(metrics["train/loss"])
       if step == start + 1:  # throughput excludes compilation
         jax.block_until_ready(metrics)
         writer.start(step)

@@ -113,3 +113,24 @@ def test_a_failing_evaluator_leaves_the_checkpoint_of_its_step_complete(shapes_d
   # before the process exited.
   step, params = checkpoint.load_params(str(workdir / "checkpoints"))
   assert step == 3 and jax.tree_util.tree_leaves(params)
+
+
+class _Step:
+  """A stand-in for a dispatched step's output: records when it is waited on."""
+
+  def __init__(self, name, log):
+    self.name, self.log = name, log
+
+  def block_until_ready(self):
+    self.log.append(self.name)
+    return self
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2])
+def test_steps_in_flight_waits_for_the_step_limit_pushes_back_in_order(limit):
+  waited = []
+  in_flight = train.StepsInFlight(limit)
+  for s in range(5):
+    in_flight.push(_Step(s, waited))
+    # After pushing step s, every step older than s - limit + 1 has been waited on, in order.
+    assert waited == list(range(max(0, s - limit + 1)))
