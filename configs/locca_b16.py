@@ -42,16 +42,18 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   if runlocal:
+    # Fixed sincos2d positions and a random output head: on the box-readout toys both cut
+    # the steps before boxes are learned several-fold (docs/experiments/README.md, 3-4).
     c.model.encoder = dict(variant="Ti/8", width=128, depth=4, mlp_dim=512, num_heads=4,
-                           posemb="learn")
+                           posemb="sincos2d")
     c.model.decoder = dict(num_layers=2, width=None, mlp_dim=None, num_heads=None,
-                           use_bias=True)
+                           use_bias=True, head_zeroinit=False)
   else:
     c.model.encoder = dict(variant="B/16", width=None, depth=None, mlp_dim=None,
                            num_heads=None, posemb="learn")
     # Decoder of the encoder's width (width/mlp_dim/num_heads None = take the encoder's).
     c.model.decoder = dict(num_layers=6, width=None, mlp_dim=None, num_heads=None,
-                           use_bias=True)
+                           use_bias=True, head_zeroinit=True)
   c.model.parallel_fraction = 0.0  # CapPa-style parallel prediction on this fraction of Cap rows
   c.model.dtype = "float32" if runlocal else "bfloat16"  # compute; params stay float32
   c.model.scan = not runlocal

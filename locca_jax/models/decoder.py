@@ -148,10 +148,10 @@ class Decoder(nn.Module):
     x = common.layer_norm("decoder_norm", self.dtype)(x)
     if features_only:
       return x
-    # Zero head (the default): no gradient reaches the layers below until the head has grown.
-    # On the box-readout toy a random head (head_zeroinit=False) reaches 0.98-1.00 where the
-    # zero head reaches 0.15-0.50 in 600 steps (docs/experiments/README.md); not yet the
-    # default because locca_shapes REC has not been rerun with it.
+    # Zero head: no gradient reaches the layers below until the head has grown. On the
+    # box-readout toy a random head (head_zeroinit=False, configs/locca_b16.py:runlocal)
+    # reaches 0.98-1.00 where the zero head reaches 0.15-0.50 in 600 steps
+    # (docs/experiments/README.md, section 3).
     head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     logits = nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype, name="head",
                       kernel_init=common.logical(head_init, ("embed", "vocab")),
