@@ -1,0 +1,58 @@
+"""Issue 5 diagnostic: configs/locca_b16.py:runlocal trained on ARef rows only, REC along the run.
+
+Through the one trainer (`train.train_and_evaluate`); only `rec` (200 validation images, every
+--rec_every steps) and optionally the linear probe (fit on train, strength chosen and scored on
+500 validation images, every --probe_every steps) are evaluated. Results: README.md, section 6.
+
+  PYTHONPATH=. .venv/bin/python docs/experiments/aref_only.py --workdir=/tmp/aref \\
+      --steps=1500 --rec_every=500 [--bins=64] [--image_size=128 --patch=16] [--lr=1e-3] \\
+      [--warmup=200 --probe_every=2000]
+"""
+import argparse
+
+from configs import locca_b16
+from locca_jax import study
+from locca_jax import train
+
+
+def config_from(args):
+  c = locca_b16.get_config("runlocal")
+  c.total_steps = args.steps
+  c.input.tasks = ("aref",)
+  c.input.tokenizer.bins = args.bins
+  c.input.image_size = args.image_size
+  c.model.encoder["variant"] = f"Ti/{args.patch}"
+  c.lr = args.lr
+  if args.warmup is not None:
+    c.schedule.warmup_steps = args.warmup
+  c.ckpt_every = min(1000, args.steps)
+  c.keep_ckpts = 1
+  c.log_every = 50
+  rec = c.evals.rec
+  rec.log_steps, rec.max_examples = args.rec_every, 200
+  c.evals = dict(rec=rec)
+  if args.probe_every:
+    probe = study.probe_eval(study.SCALES["default"])
+    probe.update(log_steps=args.probe_every, max_examples=500,
+                 data=dict(name="locca_shapes/base", split="validation"))
+    c.evals["probe"] = probe
+  return c
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--rec_every", type=int, default=500)
+  p.add_argument("--bins", type=int, default=500)
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--patch", type=int, default=8)
+  p.add_argument("--lr", type=float, default=locca_b16.get_config("runlocal").lr)
+  p.add_argument("--warmup", type=int, default=None)
+  p.add_argument("--probe_every", type=int, default=0)
+  args = p.parse_args()
+  train.train_and_evaluate(config_from(args), args.workdir)
+
+
+if __name__ == "__main__":
+  main()
