@@ -17,19 +17,18 @@ out the object's shape instead (6 classes, exact): how fast this encoder learns 
   PYTHONPATH=. python docs/experiments/background_toy.py BG SHAPE COLOUR STEPS [SEED] [POSEMB] \
       [TARGET]
 
-Results: docs/experiments/README.md, section 5.
+Results: docs/experiments/README.md, sections 5 (xmin) and 7 (shape).
 """
 import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 
 from docs.experiments import referring_toy
 from locca_jax.data import locca_shapes
 
-SIZE, BATCH = 64, 32
+SIZE, BATCH = referring_toy.SIZE, referring_toy.BATCH
 TOY_RGB = np.array([(230, 25, 25), (25, 230, 25), (25, 25, 230), (230, 230, 25),
                     (230, 25, 230), (25, 230, 230)], np.uint8)
 REAL_RGB = np.array([locca_shapes._RGB[c] for c in locca_shapes.COLORS], np.uint8)
@@ -85,17 +84,8 @@ def main(bg, shape, colour, steps, seed=0, posemb="sincos2d", target="xmin"):
   model = referring_toy.Readout("dec", posemb)
   images, _, colours = make_examples(rng, 2, bg, shape, colour, target)
   params = nn.unbox(model.init(jax.random.key(seed), images, colours))
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 1e-3, 50, steps))
+  tx, step = referring_toy.adam_trainer(model, steps)
   opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt, images, labels, colours):
-    def loss_fn(p):
-      logits = model.apply(p, images, colours)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt)
-    return optax.apply_updates(params, updates), opt, loss
 
   for s in range(1, steps + 1):
     params, opt, loss = step(params, opt,

@@ -79,22 +79,31 @@ class Readout(nn.Module):
     return logits[:, 0, -1]
 
 
+def adam_trainer(model: nn.Module, steps: int):
+  """(tx, step) for the toys: Adam 1e-3, warmup 50, cosine to `steps`, on the cross-entropy of
+  `model(images, colour)` against integer labels; `step(params, opt, images, labels, colour)`
+  returns (params, opt, loss)."""
+  tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 1e-3, 50, steps))
+
+  @jax.jit
+  def step(params, opt, images, labels, colour):
+    def loss_fn(p):
+      logits = model.apply(p, images, colour)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt)
+    return optax.apply_updates(params, updates), opt, loss
+
+  return tx, step
+
+
 def main(k, steps, seed=0, mode="dec", posemb="learn"):
   rng = np.random.default_rng(seed)
   model = Readout(mode, posemb)
   images, _, colour = make_batch(rng, 2, k)
   params = nn.unbox(model.init(jax.random.key(seed), images, colour))
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 1e-3, 50, steps))
+  tx, step = adam_trainer(model, steps)
   opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt, images, xmin, colour):
-    def loss_fn(p):
-      logits = model.apply(p, images, colour)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, xmin).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt)
-    return optax.apply_updates(params, updates), opt, loss
 
   for s in range(1, steps + 1):
     params, opt, loss = step(params, opt, *make_batch(rng, BATCH, k))
