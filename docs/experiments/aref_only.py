@@ -5,7 +5,7 @@ Through the one trainer (`train.train_and_evaluate`); only `rec` (200 validation
 500 validation images, every --probe_every steps) are evaluated. Results: README.md, section 6.
 
   PYTHONPATH=. .venv/bin/python docs/experiments/aref_only.py --workdir=/tmp/aref \\
-      --steps=1500 --rec_every=500 [--bins=64] [--image_size=128 --patch=16] [--lr=1e-3] \\
+      --steps=1500 --rec_every=500 [--bins=64] [--image_size=128 --patch=16] [--stem=conv] [--lr=1e-3] \\
       [--warmup=200 --probe_every=2000]
 """
 import argparse
@@ -22,6 +22,7 @@ def config_from(args):
   c.input.tokenizer.bins = args.bins
   c.input.image_size = args.image_size
   c.model.encoder["variant"] = f"Ti/{args.patch}"
+  c.model.encoder["stem"] = args.stem
   c.lr = args.lr
   if args.warmup is not None:
     c.schedule.warmup_steps = args.warmup
@@ -47,6 +48,7 @@ def main():
   p.add_argument("--bins", type=int, default=500)
   p.add_argument("--image_size", type=int, default=64)
   p.add_argument("--patch", type=int, default=8)
+  p.add_argument("--stem", default="patch", choices=("patch", "conv"))
   p.add_argument("--lr", type=float, default=locca_b16.get_config("runlocal").lr)
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--probe_every", type=int, default=0)

@@ -15,7 +15,7 @@ step; printed: xmin within +-1 px on 256 fresh images. TARGET=shape (with SHAPE=
 out the object's shape instead (6 classes, exact): how fast this encoder learns shapes at all.
 
   PYTHONPATH=. python docs/experiments/background_toy.py BG SHAPE COLOUR STEPS [SEED] [POSEMB] \
-      [TARGET]
+      [TARGET] [STEM]
 
 Results: docs/experiments/README.md, sections 5 (xmin) and 7 (shape).
 """
@@ -79,9 +79,9 @@ def make_examples(rng, n, bg, shape, colour, target):
   return images, (xmin if target == "xmin" else kinds), colours
 
 
-def main(bg, shape, colour, steps, seed=0, posemb="sincos2d", target="xmin"):
+def main(bg, shape, colour, steps, seed=0, posemb="sincos2d", target="xmin", stem="patch"):
   rng = np.random.default_rng(seed)
-  model = referring_toy.Readout("dec", posemb)
+  model = referring_toy.Readout("dec", posemb, stem)
   images, _, colours = make_examples(rng, 2, bg, shape, colour, target)
   params = nn.unbox(model.init(jax.random.key(seed), images, colours))
   tx, step = referring_toy.adam_trainer(model, steps)
@@ -102,4 +102,5 @@ def main(bg, shape, colour, steps, seed=0, posemb="sincos2d", target="xmin"):
 if __name__ == "__main__":
   a = sys.argv[1:]
   main(a[0], a[1], a[2], int(a[3]), int(a[4]) if len(a) > 4 else 0,
-       a[5] if len(a) > 5 else "sincos2d", a[6] if len(a) > 6 else "xmin")
+       a[5] if len(a) > 5 else "sincos2d", a[6] if len(a) > 6 else "xmin",
+       a[7] if len(a) > 7 else "patch")

@@ -58,11 +58,12 @@ def make_batch(rng, n, k):
 class Readout(nn.Module):
   mode: str
   posemb: str
+  stem: str = "patch"
 
   @nn.compact
   def __call__(self, images, colour):
     visual = vit.ViT(width=WIDTH, depth=4, mlp_dim=4 * WIDTH, num_heads=4, patch_size=8,
-                     posemb=self.posemb)(images)
+                     posemb=self.posemb, stem=self.stem)(images)
     b = visual.shape[0]
     if self.mode == "pool":
       q = nn.Embed(COLOUR_TOKEN0 + len(COLOURS), WIDTH)(colour)[:, None]

@@ -63,7 +63,7 @@ def make_model(model_config: ml_collections.ConfigDict, vocab_size: int,
   attention = common.attention_implementation(
       model_config.get("attention", "auto"), backend=jax.default_backend(), dtype=dtype,
       head_dims=(enc["width"] // enc["num_heads"], width // dec_heads))
-  enc.update(posemb=enc_cfg.get("posemb", "learn"), pool="none", dtype=dtype, scan=scan,
+  enc.update(posemb=enc_cfg.get("posemb", "learn"), stem=enc_cfg.get("stem", "patch"), pool="none", dtype=dtype, scan=scan,
              remat_policy=remat_policy, attention=attention)
   dec = dict(vocab_size=vocab_size, width=width, depth=dec_cfg.num_layers,
              mlp_dim=dec_cfg.get("mlp_dim") or 4 * width, num_heads=dec_heads,

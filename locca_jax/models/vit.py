@@ -55,6 +55,41 @@ class EncoderBlock(nn.Module):
     return common.constrain(x, common.ACT_BTE)
 
 
+class ConvStem(nn.Module):
+  """Image [B, Hi, Wi, 3] -> patch grid [B, Hi/p, Wi/p, E]: log2(p) stages of a 3x3 convolution
+  and a 3x3 stride-2 convolution (each GELU; channels doubling from E/p*2 up to E), then a
+  1x1 convolution to E.
+
+  In place of the one linear p x p patch embedding (Xiao et al. 2021, "Early convolutions help
+  transformers see better"): it reads detail inside a patch at every alignment, which a tiny
+  ViT at low resolution otherwise learns very slowly (docs/experiments/README.md, section 8).
+  """
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image):
+    p = self.patch_size
+    if p < 2 or p & (p - 1):
+      raise ValueError(f"stem 'conv' needs a power-of-two patch size >= 2, got {p}")
+    num_stages = p.bit_length() - 1
+    # Stem channels are replicated (None): they need not divide the mesh's embed axis.
+    init = common.logical(nn.initializers.lecun_normal(), (None, None, None, None))
+    x = image
+    for k in range(num_stages):
+      channels = max(self.width >> (num_stages - 1 - k), 8)
+      for stride in (1, 2):
+        x = nn.Conv(channels, (3, 3), strides=(stride, stride), padding="SAME",
+                    dtype=self.dtype, name=f"conv{k}_{stride}", kernel_init=init,
+                    bias_init=common.logical(nn.initializers.zeros, (None,)))(x)
+        x = nn.gelu(x)
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, name="embedding",
+                   kernel_init=common.logical(nn.initializers.lecun_normal(),
+                                              (None, None, None, "embed")),
+                   bias_init=common.logical(nn.initializers.zeros, ("embed",)))(x)
+
+
 class ViT(nn.Module):
   """Image [B, Hi, Wi, 3] -> visual tokens [B, P, E] (pool="none") or [B, E] (pool="gap").
 
@@ -67,6 +102,7 @@ class ViT(nn.Module):
   num_heads: int
   patch_size: int
   posemb: str = "learn"  # or "sincos2d"
+  stem: str = "patch"  # "patch": one linear p x p patch embedding; "conv": ConvStem
   pool: str = "none"
   dtype: Any = jnp.float32
   scan: bool = False
@@ -78,11 +114,16 @@ class ViT(nn.Module):
     p = self.patch_size
     if image.dtype == jnp.uint8:
       image = image.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="embedding",
-                kernel_init=common.logical(nn.initializers.lecun_normal(),
-                                           (None, None, None, "embed")),
-                bias_init=common.logical(nn.initializers.zeros, ("embed",)))(image)
+    if self.stem == "patch":
+      x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                  name="embedding",
+                  kernel_init=common.logical(nn.initializers.lecun_normal(),
+                                             (None, None, None, "embed")),
+                  bias_init=common.logical(nn.initializers.zeros, ("embed",)))(image)
+    elif self.stem == "conv":
+      x = ConvStem(self.width, p, self.dtype, name="stem")(image)
+    else:
+      raise ValueError(f"stem {self.stem!r}: expected 'patch' or 'conv'")
     b, h, w, e = x.shape
     x = x.reshape(b, h * w, e)
     if self.posemb == "learn":
