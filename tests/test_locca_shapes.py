@@ -26,6 +26,17 @@ def scenes():
   return _scenes(500)
 
 
+COLOR_SCENE = dict(min_objects=1, max_objects=3, shapes=("square",), backgrounds=("solid",))
+
+
+@pytest.fixture(scope="module")
+def color_scenes():
+  """Scenes of the `colors` config's kind: 1-3 squares on solid backgrounds."""
+  scene = locca_shapes.Scene(**COLOR_SCENE)
+  return [locca_shapes.generate_example(locca_shapes.split_rng("validation", i), S, scene)
+          for i in range(300)]
+
+
 @pytest.fixture(scope="module")
 def saturated(scenes):
   """Per scene, the pixels whose channels differ by more than 80: coloured, not grey."""
@@ -166,7 +177,9 @@ def _reference_resolve(text, objects):
   return _matching(text.removeprefix("the "), objects), None
 
 
-def test_every_refexp_resolves_to_exactly_its_object_with_a_clear_margin(scenes):
+@pytest.mark.parametrize("scenes_fixture", ["scenes", "color_scenes"])
+def test_every_refexp_resolves_to_exactly_its_object_with_a_clear_margin(scenes_fixture, request):
+  scenes = request.getfixturevalue(scenes_fixture)
   for ex in scenes:
     for t, obj in enumerate(ex["objects"]):
       hits, gap = _reference_resolve(obj["refexp"], ex["objects"])
@@ -201,7 +214,9 @@ def test_benchmark_needs_positions(scenes):
 _COUNT = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 
 
-def test_captions_count_every_object(scenes):
+@pytest.mark.parametrize("scenes_fixture", ["scenes", "color_scenes"])
+def test_captions_count_every_object(scenes_fixture, request):
+  scenes = request.getfixturevalue(scenes_fixture)
   pattern = re.compile(r"\b(a|an|two|three|four|five) (?:(small|large) )?(\w+) (\w+)(?=,| and|$| on)")
   singular = lambda w: next((s for s in (w, w[:-1], w[:-2]) if s in SHAPE_WORDS), None)
   for ex in scenes:
@@ -224,6 +239,24 @@ def test_captions_count_every_object(scenes):
         saw_sizes = True
         assert found_sized == sized, caption
     assert saw_sizes
+
+
+def test_scene_sets_object_count_shapes_and_backgrounds(color_scenes):
+  assert {len(ex["objects"]) for ex in color_scenes} == {1, 2, 3}
+  assert {o["shape"] for ex in color_scenes for o in ex["objects"]} == {"square"}
+  for ex in color_scenes:
+    assert "noisy" not in ex["background"] and "gradient" not in ex["background"]
+    border = np.concatenate([ex["image"][0], ex["image"][-1], ex["image"][:, 0]])
+    assert len(np.unique(border, axis=0)) == 1  # One solid background colour.
+    assert not any("one shapes" in c or "1 shapes" in c for c in ex["captions"])
+  assert any(c.startswith("one shape on ") for ex in color_scenes for c in ex["captions"])
+  # Referents differ by colour, size or position only; some need a position.
+  refexps = [o["refexp"] for ex in color_scenes for o in ex["objects"]]
+  assert any(r.endswith(("left", "right", "top", "bottom")) or " of " in r for r in refexps)
+  with pytest.raises(ValueError, match="min_objects"):
+    locca_shapes.Scene(min_objects=0)
+  with pytest.raises(ValueError, match="shapes"):
+    locca_shapes.Scene(shapes=("hexagon",))
 
 
 def test_same_index_is_identical_and_different_indices_differ():
@@ -269,3 +302,17 @@ def test_tiny_builder_prepares_offline_and_matches_the_generator(tmp_path):
   # `prepare` finds the prepared data and returns a usable builder.
   again = locca_shapes.prepare("tiny", data_dir=tmp_path)
   assert again.info.splits["validation"].num_examples == 32
+
+
+def test_builder_config_scene_reaches_the_records(tmp_path):
+  config = locca_shapes.LoccaShapesConfig(
+      name="colors_test", split_sizes={"train": 24, "validation": 4, "test": 4},
+      scene=locca_shapes.Scene(**COLOR_SCENE))
+  builder = locca_shapes.LoccaShapes(config=config, data_dir=tmp_path)
+  builder.download_and_prepare()
+  shape_name = builder.info.features["objects"]["shape"].int2str
+  records = list(tfds.as_numpy(builder.as_dataset(split="train")))
+  assert {len(r["objects"]["shape"]) for r in records} <= {1, 2, 3}
+  assert {shape_name(k) for r in records for k in r["objects"]["shape"]} == {"square"}
+  named = {c.name for c in locca_shapes.LoccaShapes.BUILDER_CONFIGS}
+  assert {"base", "tiny", "colors"} <= named

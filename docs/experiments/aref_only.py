@@ -8,10 +8,12 @@ Through the one trainer (`train.train_and_evaluate`); only `rec` (200 validation
   PYTHONPATH=. .venv/bin/python docs/experiments/aref_only.py --workdir=/tmp/aref \\
       --steps=1500 --rec_every=500 [--bins=64] [--image_size=128 --patch=16] [--stem=conv] \\
       [--lr=1e-3] [--warmup=200 --probe_every=2000] [--aref_rows=4] \\
-      [--dataset=tiny --rec_split=train]
+      [--decoder_layers=1] [--box_loss_only] \\
+      [--dataset=tiny --rec_split=train] [--dataset=colors]
 
 --dataset=tiny trains on locca_shapes/tiny's 96 training images: with --rec_split=train, a
-check that the model can fit (memorize) boxes at all.
+check that the model can fit (memorize) boxes at all. --dataset=colors: the one-shape scenes
+(locca_shapes.py), referents told apart by colour, size and position.
 """
 import argparse
 
@@ -29,12 +31,16 @@ def config_from(args):
   c.input.tasks = ("aref",) * args.aref_rows
   if args.dataset != "base":
     c.input.data = dict(name=f"locca_shapes/{args.dataset}", split="train", data_dir=None)
+  if args.dataset == "tiny":
     c.input.shuffle_buffer = 96
   c.input.tokenizer.bins = args.bins
   c.input.image_size = args.image_size
   c.model.encoder["variant"] = f"Ti/{args.patch}"
   c.model.encoder["stem"] = args.stem
   c.lr = args.lr
+  c.model.decoder["num_layers"] = args.decoder_layers
+  if args.box_loss_only:
+    c.input.loss.aref.caption = False
   if args.warmup is not None:
     c.schedule.warmup_steps = args.warmup
   c.ckpt_every = min(1000, args.steps)
@@ -61,9 +67,12 @@ def main():
   p.add_argument("--image_size", type=int, default=64)
   p.add_argument("--patch", type=int, default=8)
   p.add_argument("--aref_rows", type=int, default=1)
-  p.add_argument("--dataset", default="base", choices=("base", "tiny"))
+  p.add_argument("--dataset", default="base", choices=("base", "tiny", "colors"))
   p.add_argument("--rec_split", default="validation")
   p.add_argument("--stem", default="patch", choices=("patch", "conv"))
+  p.add_argument("--decoder_layers", type=int, default=2)
+  p.add_argument("--box_loss_only", action="store_true",
+                 help="no loss on the refexp tokens of the ARef row, only on its box")
   p.add_argument("--lr", type=float, default=locca_b16.get_config("runlocal").lr)
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--probe_every", type=int, default=0)

@@ -6,6 +6,12 @@ expression that picks it out uniquely ("the leftmost red triangle"); every image
 captions. Colours and kinds repeat often and identical twins are common, so referring (ARef)
 needs positions, not just attributes.
 
+How hard a scene is, is a `Scene`: the number of objects, the shape kinds drawn, the
+background kinds. The builder configs: `base` (the full benchmark), `tiny` (the same scenes,
+for tests), `colors` (1-3 squares on solid backgrounds: referents differ by colour, size and
+position only, never by shape, so an encoder that has not yet learned shapes can still refer;
+the size for short runs).
+
   import locca_jax.data.locca_shapes  # registers the builder
   builder = tfds.builder("locca_shapes/tiny", data_dir=d); builder.download_and_prepare()
 
@@ -61,10 +67,33 @@ _RELATIVE_PHRASES = {
     "left": ("left of", "to the left of"), "right": ("right of", "to the right of"),
     "top": ("above",), "bottom": ("below",),
 }
-_NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+_NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 _CAPTION_TEMPLATES = (
-    "{objs} on {bg}", "{bg} with {objs}", "{n} shapes on {bg}: {objs}", "an image of {objs} on {bg}",
+    "{objs} on {bg}", "{bg} with {objs}", "{n} on {bg}: {objs}", "an image of {objs} on {bg}",
 )
+BACKGROUND_KINDS = ("solid", "gradient", "noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """What a scene holds: its difficulty. The defaults are the `base` benchmark.
+
+  Objects per image are drawn uniformly from [min_objects, max_objects]; shape kinds uniformly
+  from `shapes`; background kinds uniformly from `backgrounds` (repeat a kind to weight it).
+  """
+  min_objects: int = 2
+  max_objects: int = 5
+  shapes: tuple[str, ...] = SHAPES
+  backgrounds: tuple[str, ...] = ("solid", "solid", "gradient", "noise")
+
+  def __post_init__(self):
+    if not 1 <= self.min_objects <= self.max_objects <= 5:
+      raise ValueError(f"Scene objects [{self.min_objects}, {self.max_objects}]: expected "
+                       "1 <= min_objects <= max_objects <= 5")
+    for name, values, allowed in (("shapes", self.shapes, SHAPES),
+                                  ("backgrounds", self.backgrounds, BACKGROUND_KINDS)):
+      if not values or set(values) - set(allowed):
+        raise ValueError(f"Scene {name} {values!r}: expected a non-empty tuple of {allowed}")
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -118,9 +147,9 @@ def _shape_mask(shape, d):
   return mask
 
 
-def _background(rng, s):
+def _background(rng, s, kinds=Scene.backgrounds):
   """Returns (uint8 image [s, s, 3], caption phrase such as "a gray background")."""
-  kind = rng.choice(("solid", "solid", "gradient", "noise"))
+  kind = rng.choice(kinds)
   names = list(_BACKGROUNDS)
   name = names[rng.integers(len(names))]
   base = np.array(_BACKGROUNDS[name], np.float32)
@@ -141,20 +170,20 @@ def _background(rng, s):
   return img.round().astype(np.uint8), f"a {name} to {other} gradient background"
 
 
-def _sample_attributes(rng):
-  """2-5 (size, color, shape) triples; repeats are frequent by design."""
+def _sample_attributes(rng, scene):
+  """(size, color, shape) triples, one per object; repeats are frequent by design."""
   rand = lambda options: options[rng.integers(len(options))]
   attrs = []
-  for k in range(rng.integers(2, 6)):
+  for k in range(rng.integers(scene.min_objects, scene.max_objects + 1)):
     u = rng.random()
     if k and u < _P_TWIN:
       attrs.append(attrs[rng.integers(k)])
     elif k and u < _P_TWIN + _P_SAME_COLOR:
-      attrs.append((rand(SIZES), attrs[rng.integers(k)][1], rand(SHAPES)))
+      attrs.append((rand(SIZES), attrs[rng.integers(k)][1], rand(scene.shapes)))
     elif k and u < _P_TWIN + _P_SAME_COLOR + _P_SAME_SHAPE:
       attrs.append((rand(SIZES), rand(COLORS), attrs[rng.integers(k)][2]))
     else:
-      attrs.append((rand(SIZES), rand(COLORS), rand(SHAPES)))
+      attrs.append((rand(SIZES), rand(COLORS), rand(scene.shapes)))
   return attrs
 
 
@@ -361,7 +390,7 @@ def _captions(objects, background, rng):
   for template, keys in ((first, ("size", "color", "shape")), (second, ("color", "shape"))):
     groups = collections.Counter(tuple(o[k] for k in keys) for o in left_to_right)
     objs = _join([_noun_phrase(c, list(g)) for g, c in groups.items()])
-    n = _NUMBER_WORDS.get(len(objects), str(len(objects)))
+    n = _NUMBER_WORDS[len(objects)] + (" shape" if len(objects) == 1 else " shapes")
     text = _CAPTION_TEMPLATES[template].format(objs=objs, bg=background, n=n)
     captions.append(text)
   return captions
@@ -369,7 +398,8 @@ def _captions(objects, background, rng):
 
 # ----------------------------------------------------------------------------- scenes
 
-def generate_example(rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> dict:
+def generate_example(rng: np.random.Generator, image_size: int = IMAGE_SIZE,
+                     scene: Scene = Scene()) -> dict:
   """One scene: image uint8 [S, S, 3], captions, objects (bbox, refexp, name, attributes).
 
   Also returns "background", the caption phrase for it (e.g. "a noisy gray background").
@@ -379,7 +409,7 @@ def generate_example(rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> 
   if s < 64:
     raise ValueError(f"image_size {s} is too small for 5 separable shapes (expected >= 64)")
   while True:
-    attrs = _sample_attributes(rng)
+    attrs = _sample_attributes(rng, scene)
     masks = []
     for size, _, shape in attrs:
       lo, hi = _SIZE_RANGE[size]
@@ -394,7 +424,7 @@ def generate_example(rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> 
     refexps = _refexps(objects, rng)
     if refexps is not None:
       break
-  image, background = _background(rng, s)
+  image, background = _background(rng, s, scene.backgrounds)
   for (_, color, _), mask, (y0, x0, y1, x1) in zip(attrs, masks, boxes):
     image[y0:y1, x0:x1][mask] = _RGB[color]
   for obj, refexp in zip(objects, refexps):
@@ -414,9 +444,10 @@ def split_rng(split: str, index: int) -> np.random.Generator:
 
 @dataclasses.dataclass(eq=False)
 class LoccaShapesConfig(tfds.core.BuilderConfig):
-  """Number of examples per split."""
+  """Number of examples per split and what the scenes hold."""
   split_sizes: dict = dataclasses.field(
       default_factory=lambda: {"train": 20_000, "validation": 1_000, "test": 1_000})
+  scene: Scene = dataclasses.field(default_factory=Scene)
 
 
 class LoccaShapes(tfds.core.GeneratorBasedBuilder):
@@ -429,6 +460,11 @@ class LoccaShapes(tfds.core.GeneratorBasedBuilder):
                         split_sizes={"train": 20_000, "validation": 1_000, "test": 1_000}),
       LoccaShapesConfig(name="tiny", description="96 train / 32 validation / 32 test, for tests.",
                         split_sizes={"train": 96, "validation": 32, "test": 32}),
+      LoccaShapesConfig(name="colors", description="1-3 squares on solid backgrounds, referred "
+                        "to by colour, size and position; 20k train / 1k validation / 1k test.",
+                        split_sizes={"train": 20_000, "validation": 1_000, "test": 1_000},
+                        scene=Scene(min_objects=1, max_objects=3, shapes=("square",),
+                                    backgrounds=("solid",))),
   ]
   DEFAULT_CONFIG_NAME = "base"
 
@@ -460,7 +496,7 @@ class LoccaShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split, num_examples):
     keys = ("refexp", "name", "color", "shape", "size")
     for i in range(num_examples):
-      ex = generate_example(split_rng(split, i), IMAGE_SIZE)
+      ex = generate_example(split_rng(split, i), IMAGE_SIZE, self.builder_config.scene)
       objects = {k: [o[k] for o in ex["objects"]] for k in keys}
       objects["bbox"] = [np.asarray(o["bbox"], np.float64) for o in ex["objects"]]
       yield i, {
