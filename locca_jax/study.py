@@ -2,6 +2,7 @@ r"""The LocCa paper's encoder comparison in miniature, on `locca_shapes`, by one
 
   python -m locca_jax.study --out=docs/RESULTS.md                   # default scale, 3 seeds
   python -m locca_jax.study --out=/tmp/R.md --scale=tiny --seeds=0 --arms=cap,locca
+  python -m locca_jax.study --out=/tmp/R.md --dataset=colors --scale=5  # no shapes to learn
 
 For each arm (a named, pure transformation of configs/locca_b16.py:runlocal, see ARMS) and each
 seed, the study runs, each stage in its own workdir under `--workdir` (default workdirs/study;
@@ -46,6 +47,8 @@ of its own, estimated from measured step times; under 40), `gpu` (the same model
 and 30x the images: the size for one accelerator), or a positive number m: the default scale
 with every step count (pretraining, transfer, warmup, checkpoint interval) times m. See
 SCALES. The model is the same at every scale but `tiny`, so scales differ in training length.
+`--dataset` replaces the scale's locca_shapes config (`base`; `tiny` for the tiny scale), e.g.
+`colors`, whose referents are told apart without shapes (docs/experiments/README.md, 9).
 
 One process: the study runs the stages one after another in this process (for multi-host
 training, run `python -m locca_jax.train` per stage with the overrides the report lists).
@@ -559,13 +562,26 @@ def _parse_arms(arms) -> list[str]:
   return arms
 
 
+def with_dataset(sc: Scale, dataset: str | None) -> Scale:
+  """The scale on another locca_shapes builder config (None or "": the scale's own)."""
+  if not dataset:
+    return sc
+  names = [c.name for c in locca_shapes.LoccaShapes.BUILDER_CONFIGS]
+  if dataset not in names:
+    raise ValueError(f"--dataset={dataset!r}: expected a locca_shapes config, one of {names}")
+  return dataclasses.replace(sc, dataset=dataset)
+
+
 def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str = "default",
-              arms=None, data_dir: str | None = None, command: str | None = None) -> dict:
+              arms=None, data_dir: str | None = None, command: str | None = None,
+              dataset: str | None = None) -> dict:
   """Runs (or resumes) every stage of every arm x seed, then writes the report.
 
-  Returns {"runs": [{arm, seed, stage, status}], "report": out, "json": ...}.
+  `dataset` (a locca_shapes config, e.g. "colors") replaces the scale's. Returns
+  {"runs": [{arm, seed, stage, status}], "report": out, "json": ...}.
   """
-  seeds, arms, sc = _parse_seeds(seeds), _parse_arms(arms), parse_scale(str(scale))
+  seeds, arms = _parse_seeds(seeds), _parse_arms(arms)
+  sc = with_dataset(parse_scale(str(scale)), dataset)
   root = os.path.abspath(root)
   if command is None:
     command = shlex.join(["python", "-m", "locca_jax.study", *sys.argv[1:]])
@@ -807,6 +823,9 @@ def _define_flags():
       scale=flags.DEFINE_string("scale", "default", f"One of {sorted(SCALES)}, or a positive "
                                 "multiplier of the default scale's steps."),
       arms=flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {list(ARMS)}."),
+      dataset=flags.DEFINE_string("dataset", None, "A locca_shapes config replacing the "
+                                  "scale's (e.g. colors: 1-3 squares, referents told apart "
+                                  "by colour, size, position); default: the scale's."),
       data_dir=flags.DEFINE_string("data_dir", None, "TFDS data_dir of locca_shapes "
                                    "(default: ~/tensorflow_datasets)."))
 
@@ -830,7 +849,8 @@ def main(argv, flag_values):
                                                               "jax_cache"))
   run_study(out=flag_values["out"].value, root=root,
             seeds=flag_values["seeds"].value, scale=flag_values["scale"].value,
-            arms=flag_values["arms"].value, data_dir=flag_values["data_dir"].value)
+            arms=flag_values["arms"].value, data_dir=flag_values["data_dir"].value,
+            dataset=flag_values["dataset"].value)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,20 @@ def test_scale_multiplier_scales_the_default_steps_and_rejects_nonsense():
       study.parse_scale(bad)
 
 
+def test_dataset_flag_moves_every_stage_to_that_locca_shapes_config():
+  sc = study.with_dataset(study.parse_scale("default"), "colors")
+  assert sc.dataset == "colors" and sc.pretrain_steps == study.SCALES["default"].pretrain_steps
+  pretrain = study.pretrain_config("locca", sc, seed=0)
+  transfer = study.transfer_config(sc, 0, "/w/pretrain")
+  names = {pretrain.input.data.name, transfer.input.data.name,
+           *(e.data.name for c in (pretrain, transfer) for e in c.evals.values()),
+           study.probe_eval(sc)["data"]["name"]}
+  assert names == {"locca_shapes/colors"}
+  assert study.with_dataset(sc, None) is sc
+  with pytest.raises(ValueError, match="--dataset='colours'"):
+    study.with_dataset(sc, "colours")
+
+
 def test_pretraining_evaluates_zero_shot_aref_only_for_arms_that_train_it():
   sc = study.parse_scale("default")
   for arm in study.ARMS:

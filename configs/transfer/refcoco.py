@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.model.parallel_fraction = 0.0
   c.total_steps = 300 if runlocal else 20_000
   c.schedule = dict(warmup_steps=30 if runlocal else 1_000, decay_type="cosine")
-  c.lr = 3e-3 if runlocal else 1e-3
+  c.lr = 1e-3
   c.ckpt_every = 300 if runlocal else 2_000
   # The decoder learns ARef only: REC is the one evaluator that measures it.
   rec = c.evals.rec

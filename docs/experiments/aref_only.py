@@ -8,7 +8,7 @@ Through the one trainer (`train.train_and_evaluate`); only `rec` (200 validation
   PYTHONPATH=. .venv/bin/python docs/experiments/aref_only.py --workdir=/tmp/aref \\
       --steps=1500 --rec_every=500 [--bins=64] [--image_size=128 --patch=16] [--stem=conv] \\
       [--lr=1e-3] [--warmup=200 --probe_every=2000] [--aref_rows=4] \\
-      [--decoder_layers=1] [--box_loss_only] \\
+      [--decoder_layers=1] [--box_loss_only] [--init_encoder=W0 --freeze_encoder] [--task=cap] \\
       [--dataset=tiny --rec_split=train] [--dataset=colors]
 
 --dataset=tiny trains on locca_shapes/tiny's 96 training images: with --rec_split=train, a
@@ -28,7 +28,7 @@ def config_from(args):
   c.total_steps = args.steps
   # Several ARef rows per image each sample an object (with replacement); their per-task
   # loss metrics share one name, the last row's is logged.
-  c.input.tasks = ("aref",) * args.aref_rows
+  c.input.tasks = ("aref",) * args.aref_rows if args.task == "aref" else ("cap",)
   if args.dataset != "base":
     c.input.data = dict(name=f"locca_shapes/{args.dataset}", split="train", data_dir=None)
   if args.dataset == "tiny":
@@ -41,6 +41,10 @@ def config_from(args):
   c.model.decoder["num_layers"] = args.decoder_layers
   if args.box_loss_only:
     c.input.loss.aref.caption = False
+  if args.init_encoder:  # the transfer protocol's start: another run's encoder
+    c.init_from = dict(workdir=args.init_encoder, step=None, params="img/.*")
+  if args.freeze_encoder:
+    c.frozen = ("img/.*",)
   if args.warmup is not None:
     c.schedule.warmup_steps = args.warmup
   c.ckpt_every = min(1000, args.steps)
@@ -49,7 +53,7 @@ def config_from(args):
   rec = c.evals.rec
   rec.log_steps, rec.max_examples = args.rec_every, 200
   rec.data = dict(name=f"locca_shapes/{args.dataset}", split=args.rec_split)
-  c.evals = dict(rec=rec)
+  c.evals = dict(rec=rec) if args.task == "aref" else {}
   if args.probe_every:
     probe = study.probe_eval(study.SCALES["default"])
     probe.update(log_steps=args.probe_every, max_examples=500,
@@ -67,12 +71,18 @@ def main():
   p.add_argument("--image_size", type=int, default=64)
   p.add_argument("--patch", type=int, default=8)
   p.add_argument("--aref_rows", type=int, default=1)
+  p.add_argument("--task", default="aref", choices=("aref", "cap"),
+                 help="cap: a captioning run instead (a Cap encoder for --init_encoder); no rec")
   p.add_argument("--dataset", default="base", choices=("base", "tiny", "colors"))
   p.add_argument("--rec_split", default="validation")
   p.add_argument("--stem", default="patch", choices=("patch", "conv"))
   p.add_argument("--decoder_layers", type=int, default=2)
   p.add_argument("--box_loss_only", action="store_true",
                  help="no loss on the refexp tokens of the ARef row, only on its box")
+  p.add_argument("--init_encoder", default=None,
+                 help="workdir whose last checkpoint's encoder (img/.*) initializes this run")
+  p.add_argument("--freeze_encoder", action="store_true",
+                 help="train the decoder only (with --init_encoder: the REC transfer protocol)")
   p.add_argument("--lr", type=float, default=locca_b16.get_config("runlocal").lr)
   p.add_argument("--warmup", type=int, default=None)
   p.add_argument("--probe_every", type=int, default=0)
