@@ -566,7 +566,7 @@ def with_dataset(sc: Scale, dataset: str | None) -> Scale:
   """The scale on another locca_shapes builder config (None or "": the scale's own)."""
   if not dataset:
     return sc
-  names = [c.name for c in locca_shapes.LoccaShapes.BUILDER_CONFIGS]
+  names = list(locca_shapes.LoccaShapes.builder_configs)
   if dataset not in names:
     raise ValueError(f"--dataset={dataset!r}: expected a locca_shapes config, one of {names}")
   return dataclasses.replace(sc, dataset=dataset)

@@ -32,10 +32,8 @@ KINDS = ("right", "other object", "overlaps target", "overlaps other", "nowhere"
 
 def kind_of(pred_box, target, others):
   """One of KINDS for a predicted [ymin, xmin, ymax, xmax] box."""
-  iou_target = float(boxlib.iou(np.asarray(pred_box), np.asarray(target), pairwise=False))
-  iou_others = [float(boxlib.iou(np.asarray(pred_box), np.asarray(b), pairwise=False))
-                for b in others]
-  best_other = max(iou_others, default=0.0)
+  ious = boxlib.iou(np.asarray([pred_box]), np.asarray([target, *others]))[0]
+  iou_target, best_other = float(ious[0]), float(ious[1:].max(initial=0.0))
   if iou_target >= 0.5:
     return "right"
   if best_other >= 0.5:
@@ -48,11 +46,12 @@ def kind_of(pred_box, target, others):
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("jsonl")
-  p.add_argument("--config", default="colors")
+  p.add_argument("--config", default="colors",
+                 choices=list(locca_shapes.LoccaShapes.builder_configs))
   p.add_argument("--split", default="validation")
   p.add_argument("--image_size", type=int, default=64)
   args = p.parse_args()
-  scene = {c.name: c for c in locca_shapes.LoccaShapes.BUILDER_CONFIGS}[args.config].scene
+  scene = locca_shapes.LoccaShapes.builder_configs[args.config].scene
   counts = collections.defaultdict(collections.Counter)
   errors = []
   with open(args.jsonl) as f:
