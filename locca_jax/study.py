@@ -2,7 +2,7 @@ r"""The LocCa paper's encoder comparison in miniature, on `locca_shapes`, by one
 
   python -m locca_jax.study --out=docs/RESULTS.md                   # default scale, 3 seeds
   python -m locca_jax.study --out=/tmp/R.md --scale=tiny --seeds=0 --arms=cap,locca
-  python -m locca_jax.study --out=/tmp/R.md --dataset=colors --scale=5  # no shapes to learn
+  python -m locca_jax.study --out=docs/RESULTS.md --scale=full       # where LocCa's effect shows
 
 For each arm (a named, pure transformation of configs/locca_b16.py:runlocal, see ARMS) and each
 seed, the study runs, each stage in its own workdir under `--workdir` (default workdirs/study;
@@ -41,14 +41,21 @@ which also compares at equal examples seen. The report lists each arm's rows per
 measured training throughput.
 
 Scale (`--scale`): `tiny` (the test suite's model and `locca_shapes/tiny`, a few steps: a smoke
-run), `default` (configs/locca_b16.py:runlocal's model at 64 px on `locca_shapes/base`, batch
-32, 200 pretraining + 100 transfer steps: 6 arms x 3 seeds in about 30 minutes on a 2-core CPU
-of its own, estimated from measured step times; under 40), `gpu` (the same model, 4x the batch
-and 30x the images: the size for one accelerator), or a positive number m: the default scale
-with every step count (pretraining, transfer, warmup, checkpoint interval) times m. See
-SCALES. The model is the same at every scale but `tiny`, so scales differ in training length.
-`--dataset` replaces the scale's locca_shapes config (`base`; `tiny` for the tiny scale), e.g.
-`colors`, whose referents are told apart without shapes (docs/experiments/README.md, 9).
+run), `default` (configs/locca_b16.py:runlocal's model at 64 px on `locca_shapes/colors`,
+batch 32, 200 pretraining + 100 transfer steps: 6 arms x 3 seeds in about 30 minutes on a
+2-core CPU of its own, estimated from measured step times; under 40), `full` (the default x 35:
+7000 pretraining + 3500 transfer steps, past the point where ARef's readout is learned;
+docs/RESULTS.md; about 15 hours on 2 CPU cores, minutes per run on one accelerator), or a
+positive number m: the default scale with every step count (pretraining, transfer, warmup,
+checkpoint interval) times m. See SCALES. The model is the same at every scale but `tiny`, so
+scales differ in training length. The default and `full` train on `colors` (1-3 squares:
+referents told apart by colour, size and position) rather than `base` (shapes, too): this
+model learns shapes far too slowly for a CPU study (docs/experiments/README.md, 6-9);
+`--dataset` replaces the scale's locca_shapes config, e.g. `--dataset=base`.
+
+Order and partial reports: seed by seed (every arm at seed 0 first), and the report is
+rewritten after each arm x seed, so an interrupted study leaves a report of the runs it
+finished, marked partial, its arms compared on the same seeds so far.
 
 One process: the study runs the stages one after another in this process (for multi-host
 training, run `python -m locca_jax.train` per stage with the overrides the report lists).
@@ -189,14 +196,31 @@ SCALES = {
                                           num_heads=None, use_bias=True)),
                   image_size=32, shuffle_buffer=64),
     # runlocal's model (ViT 4x128 at 64 px, 2-layer decoder), batch 32: ~40 min on 2 cores.
-    "default": Scale("default", "base", batch_size=32, pretrain_steps=200, pretrain_warmup=20,
-                     transfer_steps=100, transfer_warmup=10, ckpt_every=50, log_every=10,
-                     eval_images=200, eval_batch=40, probe_examples=(2048, 512, 1000)),
-    # The same model on one accelerator: 30x the default's images (4x batch, 7.5x steps).
-    "gpu": Scale("gpu", "base", batch_size=128, pretrain_steps=1500, pretrain_warmup=150,
-                 transfer_steps=750, transfer_warmup=75, ckpt_every=250, log_every=50,
-                 eval_images=None, eval_batch=200, probe_examples=(None, None, None)),
+    # On `colors`, not `base`: this model learns shapes far too slowly for a CPU study
+    # (docs/experiments/README.md, 6-8), and LocCa's question (which object, where) needs none.
+    "default": Scale("default", "colors", batch_size=32, pretrain_steps=200,
+                     pretrain_warmup=20, transfer_steps=100, transfer_warmup=10,
+                     ckpt_every=50, log_every=10, eval_images=200, eval_batch=40,
+                     probe_examples=(2048, 512, 1000)),
 }
+
+
+def multiplied(base: Scale, m: float, name: str) -> Scale:
+  """`base` with every step count (pretraining, transfer, warmups, checkpoint interval) x m."""
+  steps = lambda n: max(1, round(n * m))
+  pretrain, transfer = max(2, steps(base.pretrain_steps)), max(2, steps(base.transfer_steps))
+  return dataclasses.replace(
+      base, name=name, pretrain_steps=pretrain, transfer_steps=transfer,
+      pretrain_warmup=min(steps(base.pretrain_warmup), pretrain - 1),
+      transfer_warmup=min(steps(base.transfer_warmup), transfer - 1),
+      ckpt_every=min(steps(base.ckpt_every), pretrain))
+
+
+# The size of docs/RESULTS.md: 7000 pretraining + 3500 transfer steps, past the step count
+# at which ARef's readout breaks out of its plateau on `colors` (2000-4000 steps,
+# docs/experiments/README.md, 10). About 1 h per LocCa arm x seed on 2 CPU cores (the whole
+# study: about 15 h, resumable); minutes per run on one accelerator.
+SCALES["full"] = multiplied(SCALES["default"], 35, "full")
 
 
 def parse_scale(value: str) -> Scale:
@@ -210,14 +234,7 @@ def parse_scale(value: str) -> Scale:
   if not m > 0 or math.isinf(m):
     raise ValueError(f"--scale={value!r}: expected one of {sorted(SCALES)} or a positive "
                      "number (a multiplier of the default scale's steps)")
-  d = SCALES["default"]
-  steps = lambda n: max(1, round(n * m))
-  pretrain, transfer = max(2, steps(d.pretrain_steps)), max(2, steps(d.transfer_steps))
-  return dataclasses.replace(
-      d, name=f"default x {m:g}", pretrain_steps=pretrain, transfer_steps=transfer,
-      pretrain_warmup=min(steps(d.pretrain_warmup), pretrain - 1),
-      transfer_warmup=min(steps(d.transfer_warmup), transfer - 1),
-      ckpt_every=min(steps(d.ckpt_every), pretrain))
+  return multiplied(SCALES["default"], m, f"default x {m:g}")
 
 
 # ------------------------------------------------------------------------------ configs
@@ -577,8 +594,11 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
               dataset: str | None = None) -> dict:
   """Runs (or resumes) every stage of every arm x seed, then writes the report.
 
-  `dataset` (a locca_shapes config, e.g. "colors") replaces the scale's. Returns
-  {"runs": [{arm, seed, stage, status}], "report": out, "json": ...}.
+  Seed by seed (every arm at the first seed, then the next seed), and the report is rewritten
+  after each arm x seed: an interrupted long study leaves a report of the runs it finished,
+  marked partial, with every arm compared on the same seeds so far. `dataset` (a
+  locca_shapes config) replaces the scale's. Returns {"runs": [{arm, seed, stage, status}],
+  "report": out, "json": ...}.
   """
   seeds, arms = _parse_seeds(seeds), _parse_arms(arms)
   sc = with_dataset(parse_scale(str(scale)), dataset)
@@ -588,8 +608,8 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
   started = time.monotonic()
   locca_shapes.prepare(sc.dataset, data_dir)  # generated once, on first use
   statuses = []
-  for arm in arms:
-    for seed in seeds:
+  for seed in seeds:
+    for arm in arms:
       dirs = run_workdirs(root, arm, seed)
       cfg = pretrain_config(arm, sc, seed, data_dir)
       logging.info("study: %s seed %d: pretraining in %s", arm, seed, dirs["pretrain"])
@@ -602,7 +622,17 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
                    dirs["transfer"])
       statuses.append(dict(arm=arm, seed=seed, stage="transfer",
                            status=ensure_trained(tcfg, dirs["transfer"], "transfer")))
-  wall = time.monotonic() - started
+      json_path = write_report(out, root=root, arms=arms, seeds=seeds, sc=sc,
+                               data_dir=data_dir, command=command,
+                               wall=time.monotonic() - started, statuses=statuses)
+  logging.info("study: wrote %s and %s (%.0fs)", out, json_path, time.monotonic() - started)
+  return dict(runs=statuses, report=out, json=json_path)
+
+
+def write_report(out: str, *, root: str, arms, seeds, sc: Scale, data_dir, command: str,
+                 wall: float, statuses) -> str:
+  """Writes `out` (Markdown) and `out` with suffix .json from the runs finished under `root`;
+  returns the .json path."""
   results = collect(root, arms, seeds, sc, data_dir)
   json_path = os.path.splitext(out)[0] + ".json"
   meta = dict(command=command, scale=dataclasses.asdict(sc), seeds=seeds, arms=arms,
@@ -614,28 +644,28 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
     json.dump(dict(meta, runs=results, statuses=statuses), f, indent=1, sort_keys=True)
   with open(out, "w") as f:
     f.write(render_report(meta, results, sc, data_dir, os.path.basename(json_path)))
-  logging.info("study: wrote %s and %s (%.0fs)", out, json_path, wall)
-  return dict(runs=statuses, report=out, json=json_path)
+  return json_path
 
 
 def collect(root: str, arms, seeds, sc: Scale, data_dir) -> dict:
-  """{arm: {seed: {stage: {metrics, wall_s, ...}}}} read back from the runs' files."""
+  """{arm: {seed: {stage: {metrics, wall_s, ...}}}} read back from the runs' files, for the
+  arm x seeds that finished: every stage at its last step with all its evaluations logged
+  (pretraining's, the probe's, the transfer's); the others are left out."""
   out = {}
   for arm in arms:
     out[arm] = {}
     for seed in seeds:
       dirs = run_workdirs(root, arm, seed)
-      steps = dict(pretrain=sc.pretrain_steps, transfer=sc.transfer_steps)
-      run = {}
-      for stage, workdir in dirs.items():
-        metrics = final_step_metrics(workdir, steps[stage])
-        if not metrics:
-          raise ValueError(f"{workdir}/metrics.jsonl: no record at step {steps[stage]} (the "
-                           "run did not finish)")
-        throughput = _median_img_per_sec(workdir)
-        run[stage] = dict(workdir=workdir, step=steps[stage], metrics=metrics,
-                          timing=_read_timing(workdir), img_per_sec=throughput)
-      out[arm][str(seed)] = run
+      configs = dict(pretrain=pretrain_config(arm, sc, seed, data_dir),
+                     transfer=transfer_config(sc, seed, dirs["pretrain"], data_dir))
+      extra = dict(pretrain=["probe"], transfer=[])
+      if any(_missing_results(configs[stage], dirs[stage], extra[stage]) for stage in dirs):
+        continue
+      out[arm][str(seed)] = {
+          stage: dict(workdir=workdir, step=configs[stage].total_steps,
+                      metrics=final_step_metrics(workdir, configs[stage].total_steps),
+                      timing=_read_timing(workdir), img_per_sec=_median_img_per_sec(workdir))
+          for stage, workdir in dirs.items()}
   return out
 
 
@@ -717,6 +747,12 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
            f"Evaluations on the test split (first {sc.eval_images or 'all'} images for caption "
            f"/ rec; probe on {sc.probe_examples[2] or 'all'} test images).", "",
            "## Summary", ""]
+  pending = [f"{a} seed {s}" for s in seeds for a in arms if str(s) not in results[a]]
+  if pending:
+    lines[-2:-2] = [
+        f"**Partial**: {len(arms) * n - len(pending)} of {len(arms) * n} runs (arm x seed) "
+        "finished; pending (cells `pending`, left out of the means): "
+        f"{', '.join(pending)}. Rerun the command to continue.", ""]
   lines.append("| arm | " + " | ".join(m.short for m in METRICS) + " |")
   lines.append("|---" * (len(METRICS) + 1) + "|")
   for arm in arms:
@@ -727,9 +763,9 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
   for m in METRICS:
     note = f"`{m.key}` at the last step of the {m.stage} runs."
     if m.reference:
-      ref = [float(results[a][str(s)][m.stage]["metrics"][m.reference[0]])
-             for a in arms for s in seeds if m.reference[0] in results[a][str(s)][m.stage][
-                 "metrics"]]
+      ref = [float(run[m.stage]["metrics"][m.reference[0]])
+             for a in arms for run in results[a].values()
+             if m.reference[0] in run[m.stage]["metrics"]]
       if ref:
         note += f" Baseline, {m.reference[1]}: {fmt(float(np.mean(ref)))} (`{m.reference[0]}`)."
     lines += [f"## {m.title}", "", note, "",
@@ -738,8 +774,9 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
     for arm in arms:
       per_seed = []
       for s in seeds:
-        v = results[arm][str(s)][m.stage]["metrics"].get(m.key)
-        per_seed.append("n/a" if v is None else fmt(float(v)))
+        run = results[arm].get(str(s))
+        v = None if run is None else run[m.stage]["metrics"].get(m.key)
+        per_seed.append("pending" if run is None else "n/a" if v is None else fmt(float(v)))
       values = metric_values(results, arm, m)
       lines.append(f"| {ARMS[arm].title} | {_cell(values)} | {len(values)} | "
                    + " | ".join(per_seed) + " |")

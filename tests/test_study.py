@@ -174,6 +174,34 @@ def _report_row(report, title, arm_title):
   raise AssertionError(f"no row {arm_title!r} under {title!r}")
 
 
+def test_a_partial_study_reports_the_finished_runs_and_marks_the_rest_pending(tmp_path):
+  sc = study.parse_scale("default")
+
+  def log(workdir, step, **record):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(dict(step=step, **record)) + "\n")
+
+  pretrained = {"caption/cider": 1.0, "probe/map": 0.9, "probe/count_acc": 0.5}
+  done, unevaluated = study.run_workdirs(tmp_path, "cap", 0), study.run_workdirs(tmp_path, "cap", 1)
+  log(done["pretrain"], sc.pretrain_steps, **pretrained)
+  log(done["transfer"], sc.transfer_steps, **{"rec/acc@0.5": 0.25, "rec/miou": 0.3})
+  log(unevaluated["pretrain"], sc.pretrain_steps, **pretrained)
+  log(unevaluated["transfer"], sc.transfer_steps, loss=1.0)  # killed before its rec
+  # Seed 2 never started.
+  results = study.collect(str(tmp_path), ["cap"], [0, 1, 2], sc, None)
+  assert list(results["cap"]) == ["0"]
+
+  meta = dict(command="python -m locca_jax.study", seeds=[0, 1, 2], arms=["cap"],
+              workdir=str(tmp_path), generated="now", invocation_wall_s=1.0,
+              machine=study.machine_info())
+  report = study.render_report(meta, results, sc, None, "R.json")
+  assert "**Partial**: 1 of 3 runs (arm x seed) finished" in report
+  assert "cap seed 1, cap seed 2" in report
+  cells = _report_row(report, "Frozen-encoder REC transfer: Acc@0.5 (test)", "Cap")
+  assert cells[1:] == ["0.2500", "1", "0.2500", "pending", "pending"]
+
+
 @pytest.mark.slow
 def test_tiny_study_reports_the_runs_numbers_and_resumes(shapes_data_dir, tmp_path):
   # One arm, LocCa (it has every metric), keeps this under a minute on 2 cores; the arms'
