@@ -605,7 +605,7 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
   root = os.path.abspath(root)
   if command is None:
     command = shlex.join(["python", "-m", "locca_jax.study", *sys.argv[1:]])
-  started = time.monotonic()
+  started, machine = time.monotonic(), machine_info()
   locca_shapes.prepare(sc.dataset, data_dir)  # generated once, on first use
   statuses = []
   for seed in seeds:
@@ -624,21 +624,22 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
                            status=ensure_trained(tcfg, dirs["transfer"], "transfer")))
       json_path = write_report(out, root=root, arms=arms, seeds=seeds, sc=sc,
                                data_dir=data_dir, command=command,
-                               wall=time.monotonic() - started, statuses=statuses)
+                               wall=time.monotonic() - started, statuses=statuses,
+                               machine=machine)
   logging.info("study: wrote %s and %s (%.0fs)", out, json_path, time.monotonic() - started)
   return dict(runs=statuses, report=out, json=json_path)
 
 
 def write_report(out: str, *, root: str, arms, seeds, sc: Scale, data_dir, command: str,
-                 wall: float, statuses) -> str:
+                 wall: float, statuses, machine: dict) -> str:
   """Writes `out` (Markdown) and `out` with suffix .json from the runs finished under `root`;
-  returns the .json path."""
+  returns the .json path. `machine`: machine_info() when the study started (the code it runs)."""
   results = collect(root, arms, seeds, sc, data_dir)
   json_path = os.path.splitext(out)[0] + ".json"
   meta = dict(command=command, scale=dataclasses.asdict(sc), seeds=seeds, arms=arms,
               workdir=root, data_dir=data_dir, invocation_wall_s=wall,
               generated=datetime.datetime.now().isoformat(timespec="seconds"),
-              machine=machine_info())
+              machine=machine)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(json_path, "w") as f:
     json.dump(dict(meta, runs=results, statuses=statuses), f, indent=1, sort_keys=True)
@@ -757,7 +758,8 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
   lines.append("|---" * (len(METRICS) + 1) + "|")
   for arm in arms:
     lines.append(f"| {ARMS[arm].title} | " + " | ".join(
-        _cell(metric_values(results, arm, m)) for m in METRICS) + " |")
+        _cell(metric_values(results, arm, m)) if results[arm] else "pending"
+        for m in METRICS) + " |")
   lines += ["", "n/a: the arm does not train ARef, so it has no zero-shot ARef.", ""]
 
   for m in METRICS:

@@ -200,6 +200,12 @@ def test_a_partial_study_reports_the_finished_runs_and_marks_the_rest_pending(tm
   assert "cap seed 1, cap seed 2" in report
   cells = _report_row(report, "Frozen-encoder REC transfer: Acc@0.5 (test)", "Cap")
   assert cells[1:] == ["0.2500", "1", "0.2500", "pending", "pending"]
+  assert "| Cap | 0.2500 | 0.3000 | n/a | n/a | 1.0000 | 0.9000 | 0.5000 |" in report
+
+  results = study.collect(str(tmp_path), ["cap", "cappa"], [0], sc, None)
+  report = study.render_report(dict(meta, seeds=[0], arms=["cap", "cappa"]), results, sc,
+                               None, "R.json")
+  assert "| CapPa | " + " | ".join(["pending"] * len(study.METRICS)) + " |" in report
 
 
 @pytest.mark.slow
