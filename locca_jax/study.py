@@ -50,7 +50,7 @@ positive number m: the default scale with every step count (pretraining, transfe
 checkpoint interval) times m. See SCALES. The model is the same at every scale but `tiny`, so
 scales differ in training length. The default and `full` train on `colors` (1-3 squares:
 referents told apart by colour, size and position) rather than `base` (shapes, too): this
-model learns shapes far too slowly for a CPU study (docs/experiments/README.md, 6-9);
+model learns shapes far too slowly for a CPU study (docs/experiments/README.md, 6-8);
 `--dataset` replaces the scale's locca_shapes config, e.g. `--dataset=base`.
 
 Order and partial reports: seed by seed (every arm at seed 0 first), and the report is
