@@ -33,6 +33,14 @@ whose final checkpoint exists but whose results are missing is evaluated from th
 So rerunning an interrupted study continues it. A workdir whose config.json differs from the
 config the study would run (another --scale, another code version) is an error, not a reuse.
 
+Carrying runs across machines: every finished arm x seed is recorded in `--out`'s .json with
+each stage's config and where and when it was read (`recorded`). A later invocation with the
+same --out keeps the recorded arm x seeds whose configs equal the ones it would run (workdir
+paths aside) and runs only the rest, so a study longer than one machine's lease grows, run by
+run, on fresh checkouts; a recorded run whose config differs is rerun (logged), and
+--nokeep_recorded reruns them all. A run finished under --workdir wins over its record. The
+report says which runs it carried and from which invocation (git commit, date).
+
 Equal compute per arm: every arm trains the same encoder and decoder for the same number of
 steps at the same batch size with the same optimizer and schedule, so every encoder sees the
 same images, the same number of times. The decoder work is NOT equal: the decoder runs one
@@ -591,13 +599,15 @@ def with_dataset(sc: Scale, dataset: str | None) -> Scale:
 
 def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str = "default",
               arms=None, data_dir: str | None = None, command: str | None = None,
-              dataset: str | None = None) -> dict:
+              dataset: str | None = None, keep_recorded: bool = True) -> dict:
   """Runs (or resumes) every stage of every arm x seed, then writes the report.
 
   Seed by seed (every arm at the first seed, then the next seed), and the report is rewritten
   after each arm x seed: an interrupted long study leaves a report of the runs it finished,
   marked partial, with every arm compared on the same seeds so far. `dataset` (a
-  locca_shapes config) replaces the scale's. Returns {"runs": [{arm, seed, stage, status}],
+  locca_shapes config) replaces the scale's. `keep_recorded`: keep the arm x seeds recorded
+  in `out`'s .json with the same configs (see recorded_runs) instead of running them.
+  Returns {"runs": [{arm, seed, stage, status}],
   "report": out, "json": ...}.
   """
   seeds, arms = _parse_seeds(seeds), _parse_arms(arms)
@@ -607,10 +617,18 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
     command = shlex.join(["python", "-m", "locca_jax.study", *sys.argv[1:]])
   started, machine = time.monotonic(), machine_info()
   locca_shapes.prepare(sc.dataset, data_dir)  # generated once, on first use
+  json_path = os.path.splitext(out)[0] + ".json"
+  carried = (recorded_runs(json_path, root, arms, seeds, sc, data_dir) if keep_recorded
+             else {arm: {} for arm in arms})
   statuses = []
   for seed in seeds:
     for arm in arms:
       dirs = run_workdirs(root, arm, seed)
+      if str(seed) in carried[arm] and not _finished(arm, sc, seed, root, data_dir):
+        logging.info("study: %s seed %d: kept as recorded in %s", arm, seed, json_path)
+        statuses += [dict(arm=arm, seed=seed, stage=stage, status="recorded")
+                     for stage in ("pretrain", "probe", "transfer")]
+        continue
       cfg = pretrain_config(arm, sc, seed, data_dir)
       logging.info("study: %s seed %d: pretraining in %s", arm, seed, dirs["pretrain"])
       statuses.append(dict(arm=arm, seed=seed, stage="pretrain",
@@ -625,20 +643,38 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
       json_path = write_report(out, root=root, arms=arms, seeds=seeds, sc=sc,
                                data_dir=data_dir, command=command,
                                wall=time.monotonic() - started, statuses=statuses,
-                               machine=machine)
+                               machine=machine, carried=carried)
+  json_path = write_report(out, root=root, arms=arms, seeds=seeds, sc=sc, data_dir=data_dir,
+                           command=command, wall=time.monotonic() - started,
+                           statuses=statuses, machine=machine, carried=carried)
   logging.info("study: wrote %s and %s (%.0fs)", out, json_path, time.monotonic() - started)
   return dict(runs=statuses, report=out, json=json_path)
 
 
 def write_report(out: str, *, root: str, arms, seeds, sc: Scale, data_dir, command: str,
-                 wall: float, statuses, machine: dict) -> str:
-  """Writes `out` (Markdown) and `out` with suffix .json from the runs finished under `root`;
-  returns the .json path. `machine`: machine_info() when the study started (the code it runs)."""
-  results = collect(root, arms, seeds, sc, data_dir)
+                 wall: float, statuses, machine: dict, carried: dict | None = None) -> str:
+  """Writes `out` (Markdown) and `out` with suffix .json from the runs finished under `root`
+  and the `carried` ones (recorded_runs) it has not; returns the .json path. `machine`:
+  machine_info() when the study started (the code it runs)."""
+  generated = datetime.datetime.now().isoformat(timespec="seconds")
+  found = collect(root, arms, seeds, sc, data_dir)
+  results = {}
+  for arm in arms:
+    results[arm] = {}
+    for seed in map(str, seeds):
+      if seed in found[arm]:
+        run = found[arm][seed]
+        run["recorded"] = dict(generated=generated, git_commit=machine["git_commit"],
+                               host=machine["platform"], workdir=root, carried=False)
+      elif carried and seed in carried[arm]:
+        run = dict(carried[arm][seed], recorded=dict(carried[arm][seed].get("recorded", {}),
+                                                     carried=True))
+      else:
+        continue
+      results[arm][seed] = run
   json_path = os.path.splitext(out)[0] + ".json"
   meta = dict(command=command, scale=dataclasses.asdict(sc), seeds=seeds, arms=arms,
-              workdir=root, data_dir=data_dir, invocation_wall_s=wall,
-              generated=datetime.datetime.now().isoformat(timespec="seconds"),
+              workdir=root, data_dir=data_dir, invocation_wall_s=wall, generated=generated,
               machine=machine)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(json_path, "w") as f:
@@ -656,17 +692,74 @@ def collect(root: str, arms, seeds, sc: Scale, data_dir) -> dict:
   for arm in arms:
     out[arm] = {}
     for seed in seeds:
-      dirs = run_workdirs(root, arm, seed)
-      configs = dict(pretrain=pretrain_config(arm, sc, seed, data_dir),
-                     transfer=transfer_config(sc, seed, dirs["pretrain"], data_dir))
-      extra = dict(pretrain=["probe"], transfer=[])
-      if any(_missing_results(configs[stage], dirs[stage], extra[stage]) for stage in dirs):
+      if not _finished(arm, sc, seed, root, data_dir):
         continue
+      dirs, configs = run_workdirs(root, arm, seed), _stage_configs(arm, sc, seed, root,
+                                                                     data_dir)
       out[arm][str(seed)] = {
           stage: dict(workdir=workdir, step=configs[stage].total_steps,
                       metrics=final_step_metrics(workdir, configs[stage].total_steps),
-                      timing=_read_timing(workdir), img_per_sec=_median_img_per_sec(workdir))
+                      timing=_read_timing(workdir), img_per_sec=_median_img_per_sec(workdir),
+                      config=portable_config(configs[stage], root))
           for stage, workdir in dirs.items()}
+  return out
+
+
+def _stage_configs(arm: str, sc: Scale, seed: int, root: str, data_dir) -> dict:
+  return dict(pretrain=pretrain_config(arm, sc, seed, data_dir),
+              transfer=transfer_config(sc, seed, run_workdirs(root, arm, seed)["pretrain"],
+                                       data_dir))
+
+
+def _finished(arm: str, sc: Scale, seed: int, root: str, data_dir) -> bool:
+  """Whether every stage of the arm x seed under `root` logged all its final evaluations."""
+  dirs, configs = run_workdirs(root, arm, seed), _stage_configs(arm, sc, seed, root, data_dir)
+  extra = dict(pretrain=["probe"], transfer=[])
+  return not any(_missing_results(configs[st], dirs[st], extra[st]) for st in dirs)
+
+
+def portable_config(config, root: str) -> dict:
+  """The flattened config with paths under `root` written relative to it ("<workdir>/..."),
+  so that runs made under another --workdir, on another machine, compare equal."""
+  prefix = os.path.abspath(root) + os.sep
+  return {k: ("<workdir>/" + v[len(prefix):] if isinstance(v, str) and v.startswith(prefix)
+              else _normalized(v))
+          for k, v in flatten(config).items()}
+
+
+def recorded_runs(json_path: str, root: str, arms, seeds, sc: Scale, data_dir) -> dict:
+  """{arm: {seed: run}} of the arm x seeds an earlier invocation recorded in `json_path` (an
+  earlier report's .json) whose every stage's config equals the one this study would run.
+
+  A recorded run with another config (another scale, a changed arm) is left out, and logged.
+  """
+  if not os.path.exists(json_path):
+    return {arm: {} for arm in arms}
+  with open(json_path) as f:
+    recorded = json.load(f).get("runs", {})
+  out = {}
+  for arm in arms:
+    out[arm] = {}
+    for seed in seeds:
+      run = recorded.get(arm, {}).get(str(seed))
+      if run is None:
+        continue
+      expected = _stage_configs(arm, sc, seed, root, data_dir)
+      differences = []
+      for stage, config in expected.items():
+        if "config" not in run.get(stage, {}):
+          differences.append(f"{stage}: no config recorded")
+          continue
+        changed, removed = config_diff(run[stage]["config"], portable_config(config, root))
+        differences += [f"{stage} {k}: {run[stage]['config'].get(k)!r} -> {v!r}"
+                        for k, v in sorted(changed.items())]
+        differences += [f"{stage} {k}: removed" for k in removed]
+      if differences:
+        logging.warning("study: %s records %s seed %d with another config than this study "
+                        "runs (%s); it will be rerun", json_path, arm, seed,
+                        "; ".join(differences[:4]))
+        continue
+      out[arm][str(seed)] = run
   return out
 
 
@@ -740,8 +833,9 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
   n = len(seeds)
   lines = ["# LocCa study in miniature: results", "",
            f"Produced by `{meta['command']}` ({meta['generated']}). Every number is read "
-           f"from the runs' `metrics.jsonl` under `{meta['workdir']}`; every per-run number is "
-           f"in `{json_name}`.", "",
+           f"from the runs' `metrics.jsonl` under `{meta['workdir']}`, or, for runs this "
+           "invocation carried from an earlier one's record, where that one read them "
+           f"(see Provenance); every per-run number is in `{json_name}`.", "",
            f"Scale `{sc.name}` (`locca_shapes/{sc.dataset}`), seeds {', '.join(map(str, seeds))}"
            f" (n = {n}). Cells: mean ± std over seeds, std = sample standard deviation "
            "(numpy, ddof=1)" + ("" if n > 1 else "; with one seed, the value alone") + ". "
@@ -836,7 +930,20 @@ def render_report(meta: dict, results: dict, sc: Scale, data_dir, json_name: str
             f"`{meta['workdir']}/<arm>/seed<k>/{{pretrain,transfer}}`.", "",
             f"Wall time of this invocation: {meta['invocation_wall_s']:.0f} s (stages it "
             "skipped as complete cost nothing).", "",
-            "## Machine", ""]
+            "## Provenance", "",
+            "Where and when each run's numbers were read from its workdir's files, by which "
+            "code. Carried: kept from the record of an earlier invocation of this command "
+            "(another machine or checkout) whose configs equal this invocation's, not rerun.",
+            "", "| arm | seed | read from | read at | git commit | carried |",
+            "|---|---|---|---|---|---|"]
+  for arm in arms:
+    for seed, run in results[arm].items():
+      rec = run.get("recorded", {})
+      lines.append(f"| {ARMS[arm].title} | {seed} | `{rec.get('workdir', '?')}` on "
+                   f"{rec.get('host', '?')} | {rec.get('generated', '?')} | "
+                   f"{rec.get('git_commit') or 'unknown'} | "
+                   f"{'yes' if rec.get('carried') else 'no'} |")
+  lines += ["", "## Machine", "", "This invocation's:", ""]
   mi = meta["machine"]
   lines += [f"- {mi['platform']}, {mi['cpu_count']} CPUs, backend `{mi['backend']}`, devices "
             f"{', '.join(mi['devices'])}",
@@ -866,7 +973,10 @@ def _define_flags():
                                   "scale's (e.g. colors: 1-3 squares, referents told apart "
                                   "by colour, size, position); default: the scale's."),
       data_dir=flags.DEFINE_string("data_dir", None, "TFDS data_dir of locca_shapes "
-                                   "(default: ~/tensorflow_datasets)."))
+                                   "(default: ~/tensorflow_datasets)."),
+      keep_recorded=flags.DEFINE_bool("keep_recorded", True, "Keep the arm x seeds that "
+                                      "<out>.json records with this study's configs (run "
+                                      "earlier, maybe elsewhere) instead of rerunning them."))
 
 
 def main(argv, flag_values):
@@ -889,7 +999,8 @@ def main(argv, flag_values):
   run_study(out=flag_values["out"].value, root=root,
             seeds=flag_values["seeds"].value, scale=flag_values["scale"].value,
             arms=flag_values["arms"].value, data_dir=flag_values["data_dir"].value,
-            dataset=flag_values["dataset"].value)
+            dataset=flag_values["dataset"].value,
+            keep_recorded=flag_values["keep_recorded"].value)
 
 
 if __name__ == "__main__":

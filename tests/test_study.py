@@ -208,6 +208,46 @@ def test_a_partial_study_reports_the_finished_runs_and_marks_the_rest_pending(tm
   assert "| CapPa | " + " | ".join(["pending"] * len(study.METRICS)) + " |" in report
 
 
+def test_runs_recorded_by_an_earlier_report_are_carried_to_a_fresh_workdir(tmp_path):
+  # A study longer than one machine's lease: machine A finished Cap seed 0 and recorded it in
+  # the report's .json; machine B, with an empty --workdir, keeps that run instead of
+  # rerunning it, but only while the config it would run is the recorded one.
+  sc = study.parse_scale("default")
+  first_root, out = tmp_path / "machine_a", tmp_path / "R.md"
+  done = study.run_workdirs(first_root, "cap", 0)
+  for stage, step, record in (
+      ("pretrain", sc.pretrain_steps, {"caption/cider": 1.5, "probe/map": 0.8,
+                                       "probe/count_acc": 0.5}),
+      ("transfer", sc.transfer_steps, {"rec/acc@0.5": 0.25, "rec/miou": 0.3})):
+    os.makedirs(done[stage])
+    with open(os.path.join(done[stage], "metrics.jsonl"), "w") as f:
+      f.write(json.dumps(dict(step=step, **record)) + "\n")
+  machine = dict(study.machine_info(), git_commit="abc123", platform="machine-a")
+  kwargs = dict(arms=["cap"], seeds=[0, 1], sc=sc, data_dir=None, command="study",
+                wall=1.0, statuses=[], machine=machine)
+  study.write_report(str(out), root=str(first_root), **kwargs)
+
+  second_root = str(tmp_path / "machine_b")
+  carried = study.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap", "cappa"],
+                                [0, 1], sc, None)
+  assert list(carried["cap"]) == ["0"] and carried["cappa"] == {}
+  longer = study.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0],
+                               study.parse_scale("2"), None)
+  assert longer["cap"] == {}  # another scale's configs: rerun, not carried
+
+  study.write_report(str(out), root=second_root, carried=carried,
+                     **dict(kwargs, machine=dict(machine, git_commit="def456")))
+  report = out.read_text()
+  cells = _report_row(report, "Frozen-encoder REC transfer: Acc@0.5 (test)", "Cap")
+  assert cells[1:] == ["0.2500", "1", "0.2500", "pending"]
+  provenance = _report_row(report, "Provenance", "Cap")
+  assert provenance[1] == "0" and str(first_root) in provenance[2]
+  assert provenance[4:] == ["abc123", "yes"]
+  # Carried again from the rewritten record, it keeps its first provenance.
+  again = study.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0], sc, None)
+  assert again["cap"]["0"]["recorded"]["git_commit"] == "abc123"
+
+
 @pytest.mark.slow
 def test_tiny_study_reports_the_runs_numbers_and_resumes(shapes_data_dir, tmp_path):
   # One arm, LocCa (it has every metric), keeps this under a minute on 2 cores; the arms'
@@ -248,3 +288,10 @@ def test_tiny_study_reports_the_runs_numbers_and_resumes(shapes_data_dir, tmp_pa
   assert out.read_text().split("## Arms")[0].split("\n", 3)[3] == report.split(
       "## Arms")[0].split("\n", 3)[3]  # the same tables (the first lines carry the date)
 
+  # On a fresh workdir (another machine), the recorded runs are kept: nothing runs.
+  third = study.run_study(**dict(kwargs, root=str(tmp_path / "elsewhere")))
+  assert {r["status"] for r in third["runs"]} == {"recorded"}
+  assert not (tmp_path / "elsewhere").exists() or not any(
+      p.is_file() for p in (tmp_path / "elsewhere").rglob("*"))
+  assert out.read_text().split("## Arms")[0].split("\n", 3)[3] == report.split(
+      "## Arms")[0].split("\n", 3)[3]
