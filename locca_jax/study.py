@@ -729,7 +729,8 @@ def portable_config(config, root: str) -> dict:
 
 def recorded_runs(json_path: str, root: str, arms, seeds, sc: Scale, data_dir) -> dict:
   """{arm: {seed: run}} of the arm x seeds an earlier invocation recorded in `json_path` (an
-  earlier report's .json) whose every stage's config equals the one this study would run.
+  earlier report's .json) whose every stage's config equals the one this study would run
+  (but for the workdir and data_dir paths).
 
   A recorded run with another config (another scale, a changed arm) is left out, and logged.
   """
@@ -752,7 +753,8 @@ def recorded_runs(json_path: str, root: str, arms, seeds, sc: Scale, data_dir) -
           continue
         changed, removed = config_diff(run[stage]["config"], portable_config(config, root))
         differences += [f"{stage} {k}: {run[stage]['config'].get(k)!r} -> {v!r}"
-                        for k, v in sorted(changed.items())]
+                        for k, v in sorted(changed.items())
+                        if not k.endswith("data_dir")]  # where the data is, not what
         differences += [f"{stage} {k}: removed" for k in removed]
       if differences:
         logging.warning("study: %s records %s seed %d with another config than this study "

@@ -234,6 +234,9 @@ def test_runs_recorded_by_an_earlier_report_are_carried_to_a_fresh_workdir(tmp_p
   longer = study.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0],
                                study.parse_scale("2"), None)
   assert longer["cap"] == {}  # another scale's configs: rerun, not carried
+  elsewhere = study.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0], sc,
+                                  "/data/tfds")
+  assert list(elsewhere["cap"]) == ["0"]  # the same data in another place
 
   study.write_report(str(out), root=second_root, carried=carried,
                      **dict(kwargs, machine=dict(machine, git_commit="def456")))
