@@ -617,14 +617,15 @@ def run_study(*, out: str, root: str = DEFAULT_ROOT, seeds=(0, 1, 2), scale: str
     command = shlex.join(["python", "-m", "locca_jax.study", *sys.argv[1:]])
   started, machine = time.monotonic(), machine_info()
   locca_shapes.prepare(sc.dataset, data_dir)  # generated once, on first use
-  json_path = os.path.splitext(out)[0] + ".json"
+  json_path = _json_path(out)
   carried = (recorded_runs(json_path, root, arms, seeds, sc, data_dir) if keep_recorded
              else {arm: {} for arm in arms})
   statuses = []
   for seed in seeds:
     for arm in arms:
       dirs = run_workdirs(root, arm, seed)
-      if str(seed) in carried[arm] and not _finished(arm, sc, seed, root, data_dir):
+      if str(seed) in carried[arm] and not _finished(
+          _stage_configs(arm, sc, seed, root, data_dir), dirs):
         logging.info("study: %s seed %d: kept as recorded in %s", arm, seed, json_path)
         statuses += [dict(arm=arm, seed=seed, stage=stage, status="recorded")
                      for stage in ("pretrain", "probe", "transfer")]
@@ -672,7 +673,7 @@ def write_report(out: str, *, root: str, arms, seeds, sc: Scale, data_dir, comma
       else:
         continue
       results[arm][seed] = run
-  json_path = os.path.splitext(out)[0] + ".json"
+  json_path = _json_path(out)
   meta = dict(command=command, scale=dataclasses.asdict(sc), seeds=seeds, arms=arms,
               workdir=root, data_dir=data_dir, invocation_wall_s=wall, generated=generated,
               machine=machine)
@@ -684,6 +685,11 @@ def write_report(out: str, *, root: str, arms, seeds, sc: Scale, data_dir, comma
   return json_path
 
 
+def _json_path(out: str) -> str:
+  """The report's .json: every run's numbers, and the record later invocations carry."""
+  return os.path.splitext(out)[0] + ".json"
+
+
 def collect(root: str, arms, seeds, sc: Scale, data_dir) -> dict:
   """{arm: {seed: {stage: {metrics, wall_s, ...}}}} read back from the runs' files, for the
   arm x seeds that finished: every stage at its last step with all its evaluations logged
@@ -692,10 +698,10 @@ def collect(root: str, arms, seeds, sc: Scale, data_dir) -> dict:
   for arm in arms:
     out[arm] = {}
     for seed in seeds:
-      if not _finished(arm, sc, seed, root, data_dir):
-        continue
       dirs, configs = run_workdirs(root, arm, seed), _stage_configs(arm, sc, seed, root,
                                                                      data_dir)
+      if not _finished(configs, dirs):
+        continue
       out[arm][str(seed)] = {
           stage: dict(workdir=workdir, step=configs[stage].total_steps,
                       metrics=final_step_metrics(workdir, configs[stage].total_steps),
@@ -711,9 +717,8 @@ def _stage_configs(arm: str, sc: Scale, seed: int, root: str, data_dir) -> dict:
                                        data_dir))
 
 
-def _finished(arm: str, sc: Scale, seed: int, root: str, data_dir) -> bool:
-  """Whether every stage of the arm x seed under `root` logged all its final evaluations."""
-  dirs, configs = run_workdirs(root, arm, seed), _stage_configs(arm, sc, seed, root, data_dir)
+def _finished(configs: dict, dirs: dict) -> bool:
+  """Whether every stage (`_stage_configs`, `run_workdirs`) logged all its final evaluations."""
   extra = dict(pretrain=["probe"], transfer=[])
   return not any(_missing_results(configs[st], dirs[st], extra[st]) for st in dirs)
 
