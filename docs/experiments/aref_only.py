@@ -18,9 +18,9 @@ check that the model can fit (memorize) boxes at all. --dataset=colors: the one-
 import argparse
 
 from configs import locca_b16
-from locca_jax import study
 from locca_jax import train
 from locca_jax.data import locca_shapes
+from locca_jax.study import arms
 
 
 def config_from(args):
@@ -55,7 +55,7 @@ def config_from(args):
   rec.data = dict(name=f"locca_shapes/{args.dataset}", split=args.rec_split)
   c.evals = dict(rec=rec) if args.task == "aref" else {}
   if args.probe_every:
-    probe = study.probe_eval(study.SCALES["default"])
+    probe = arms.probe_eval(arms.SCALES["default"])
     probe.update(log_steps=args.probe_every, max_examples=500,
                  data=dict(name="locca_shapes/base", split="validation"))
     c.evals["probe"] = probe
