@@ -85,9 +85,13 @@ def bench_train_step(config, batch_size: int, vocab_size: int, steps: int,
   peak = _peak_flops(device, peak_tflops)
   img_per_sec = batch_size / seconds
   memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
+  enc, dec = config.model.encoder, config.model.decoder
   return dict(
-      device=device.device_kind, num_devices=jax.device_count(), batch=batch_size,
-      rows_per_image=rows, seq_len=seq_len, image_size=size, vocab_size=vocab_size,
+      device=device.device_kind, num_devices=jax.device_count(),
+      encoder=enc.variant + "".join(f" {k}={enc[k]}" for k in ("width", "depth") if enc.get(k)),
+      decoder_layers=dec.num_layers,
+      params_m=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])) / 1e6,
+      batch=batch_size, rows_per_image=rows, seq_len=seq_len, image_size=size, vocab_size=vocab_size,
       dtype=config.model.dtype, remat=config.model.remat_policy, scan=config.model.scan,
       attention=model.encoder["attention"], step_ms=seconds * 1e3, img_per_sec=img_per_sec,
       gflop_per_image=flops_per_image / 1e9,

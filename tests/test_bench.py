@@ -55,6 +55,7 @@ def test_bench_cli_runs_at_tiny_size_on_cpu():
   assert result.returncode == 0, result.stderr[-4000:]
   stats = json.loads(result.stdout.strip().splitlines()[-1])
   assert stats["batch"] == 8 and stats["rows_per_image"] == 3
+  assert stats["encoder"] == "Ti/8 width=32 depth=1" and stats["decoder_layers"] == 1
   assert stats["step_ms"] > 0 and stats["img_per_sec"] > 0
   assert stats["img_per_sec"] == pytest.approx(8 / (stats["step_ms"] / 1e3), rel=1e-6)
   assert stats["decode_cached_tok_per_sec"] > 0 and stats["decode_rerun_tok_per_sec"] > 0
