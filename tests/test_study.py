@@ -210,8 +210,8 @@ def test_a_partial_study_reports_the_finished_runs_and_marks_the_rest_pending(tm
   assert "| Cap | 0.2500 | 0.3000 | n/a | n/a | 1.0000 | 0.9000 | 0.5000 |" in report
 
   results = report_lib.collect(str(tmp_path), ["cap", "cappa"], [0], sc, None)
-  report = report_lib.render_report(dict(meta, seeds=[0], arms=["cap", "cappa"]), results, sc,
-                               None, "R.json")
+  report = report_lib.render_report(dict(meta, seeds=[0], arms=["cap", "cappa"]), results,
+                                    sc, None, "R.json")
   assert "| CapPa | " + " | ".join(["pending"] * len(report_lib.METRICS)) + " |" in report
 
 
@@ -235,18 +235,18 @@ def test_runs_recorded_by_an_earlier_report_are_carried_to_a_fresh_workdir(tmp_p
   report_lib.write_report(str(out), root=str(first_root), **kwargs)
 
   second_root = str(tmp_path / "machine_b")
-  carried = report_lib.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap", "cappa"],
-                                [0, 1], sc, None)
+  carried = report_lib.recorded_runs(str(tmp_path / "R.json"), second_root,
+                                     ["cap", "cappa"], [0, 1], sc, None)
   assert list(carried["cap"]) == ["0"] and carried["cappa"] == {}
   longer = report_lib.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0],
-                               arms_lib.parse_scale("2"), None)
+                                    arms_lib.parse_scale("2"), None)
   assert longer["cap"] == {}  # another scale's configs: rerun, not carried
-  elsewhere = report_lib.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0], sc,
-                                  "/data/tfds")
+  elsewhere = report_lib.recorded_runs(str(tmp_path / "R.json"), second_root, ["cap"], [0],
+                                       sc, "/data/tfds")
   assert list(elsewhere["cap"]) == ["0"]  # the same data in another place
 
   report_lib.write_report(str(out), root=second_root, carried=carried,
-                     **dict(kwargs, machine=dict(machine, git_commit="def456")))
+                          **dict(kwargs, machine=dict(machine, git_commit="def456")))
   report = out.read_text()
   cells = _report_row(report, "Frozen-encoder REC transfer: Acc@0.5 (test)", "Cap")
   assert cells[1:] == ["0.2500", "1", "0.2500", "pending"]

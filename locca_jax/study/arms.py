@@ -4,6 +4,8 @@ An arm is a named, pure transformation of configs/locca_b16.py:runlocal (ARMS); 
 what every arm shares: data, model, steps, evaluation sizes (SCALES, parse_scale). Together
 with a seed they give each stage's config: pretraining (pretrain_config) and the frozen-encoder
 REC transfer (transfer_config), plus the linear probe's evaluator config (probe_eval).
+Each arm x seed runs in ROOT/<arm>/seed<k>/{pretrain,transfer} (run_workdirs, stage_configs);
+with_dataset puts a scale on another locca_shapes config.
 """
 import dataclasses
 import math

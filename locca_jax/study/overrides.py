@@ -71,6 +71,7 @@ def train_command(config_name: str, base, config, workdir: str) -> list[str]:
 
 
 def override_lines(base, config) -> list[str]:
+  """`config` as --config flags over `base`, sorted, then a comment per field it removes."""
   changed, removed = config_diff(base, config)
   lines = [flag_line(k, v) for k, v in sorted(changed.items())]
   lines += [f"# and without config.{k} (no flag deletes a field: the study drops it)"

@@ -61,6 +61,7 @@ def write_report(out: str, *, root: str, arms, seeds, sc: arms_lib.Scale, data_d
   """Writes `out` (Markdown) and `out` with suffix .json from the runs finished under `root`
   and the `carried` ones (recorded_runs) it has not; returns the .json path. `machine`:
   machine_info() when the study started (the code it runs)."""
+  root = os.path.abspath(root)  # as collect records the runs' workdirs
   generated = datetime.datetime.now().isoformat(timespec="seconds")
   found = collect(root, arms, seeds, sc, data_dir)
   results = {}
@@ -166,6 +167,7 @@ def recorded_runs(json_path: str, root: str, arms, seeds, sc: arms_lib.Scale, da
 
 
 def median_img_per_sec(workdir: str) -> float | None:
+  """The median of the training throughput lines in WORKDIR/metrics.jsonl (None: none)."""
   values = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
@@ -204,6 +206,7 @@ def metric_values(results: dict, arm: str, metric: Metric) -> list[float]:
 
 
 def machine_info() -> dict:
+  """Platform, CPUs, JAX devices, package versions and git commit of the running code."""
   import importlib.metadata as md  # pylint: disable=g-import-not-at-top
   versions = {}
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow",

@@ -80,6 +80,7 @@ def _timing_path(workdir: str) -> str:
 
 
 def read_timing(workdir: str) -> dict:
+  """{stage: {wall_s, resumed_from_step, finished}} of WORKDIR/study_timing.json ({}: none)."""
   path = _timing_path(workdir)
   if not os.path.exists(path):
     return {}
