@@ -53,7 +53,7 @@ run), `default` (configs/locca_b16.py:runlocal's model at 64 px on `locca_shapes
 batch 32, 200 pretraining + 100 transfer steps: 6 arms x 3 seeds in about 30 minutes on a
 2-core CPU of its own, estimated from measured step times; under 40), `full` (the default x 35:
 7000 pretraining + 3500 transfer steps, past the point where ARef's readout is learned;
-docs/RESULTS.md; about 15 hours on 2 CPU cores, minutes per run on one accelerator), or a
+docs/RESULTS.md; about 16.5 hours on 2 CPU cores, measured), or a
 positive number m: the default scale with every step count (pretraining, transfer, warmup,
 checkpoint interval) times m. See arms.SCALES. The model is the same at every scale but `tiny`, so
 scales differ in training length. The default and `full` train on `colors` (1-3 squares:

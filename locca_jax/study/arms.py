@@ -144,8 +144,8 @@ def multiplied(base: Scale, m: float, name: str) -> Scale:
 
 # The size of docs/RESULTS.md: 7000 pretraining + 3500 transfer steps, past the step count
 # at which ARef's readout breaks out of its plateau on `colors` (2000-4000 steps,
-# docs/experiments/README.md, 10). About 1 h per LocCa arm x seed on 2 CPU cores (the whole
-# study: about 15 h, resumable); minutes per run on one accelerator.
+# docs/experiments/README.md, 10). 35-80 min per arm x seed on 2 CPU cores (the whole study:
+# about 16.5 h, resumable).
 SCALES["full"] = multiplied(SCALES["default"], 35, "full")
 
 
